@@ -1,0 +1,3 @@
+"""fastdino: fast DINO self-supervised pretraining of vision transformers."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,1 @@
+"""Triton kernels of fastdino, each beside its plain-PyTorch reference (imported as `fastdino.kernels`)."""
