@@ -1,0 +1,77 @@
+"""The DINO loss module: teacher temperature schedule, the center buffer and its update across ranks.
+
+The arithmetic lives in `fastdino.kernels` (fused Triton kernel on CUDA, plain-PyTorch reference elsewhere);
+this module owns the state around it.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from fastdino import kernels
+
+
+class DINOLoss(nn.Module):
+    """Cross-entropy between the centered, sharpened teacher and the student, averaged over view pairs.
+
+    After each loss the center moves towards the batch mean of the teacher logits (EMA, `center_momentum`),
+    summed over all ranks. The all-reduce is started asynchronously and finished by `synchronize_center()`
+    (the trainer calls it after the backward pass), so the communication overlaps the backward.
+    """
+
+    def __init__(
+        self,
+        out_dim: int,
+        teacher_temp_schedule: np.ndarray,
+        student_temp: float = 0.1,
+        center_momentum: float = 0.9,
+        fused: bool = False,
+    ) -> None:
+        super().__init__()
+        self.teacher_temp_schedule = teacher_temp_schedule
+        self.student_temp = student_temp
+        self.center_momentum = center_momentum
+        self.fused = fused
+        self.register_buffer("center", torch.zeros(1, out_dim))
+        self._pending: tuple[torch.Tensor, int, object] | None = None
+
+    def forward(
+        self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, epoch: int, monitors: bool = False
+    ) -> kernels.DinoLossOutput:
+        """student_logits [n_crops*B, K] crop-major, teacher_logits [2*B, K]; returns loss and monitors."""
+        self.synchronize_center()
+        loss_fn = kernels.dino_loss_with_stats if self.fused else kernels.dino_loss_with_stats_reference
+        output = loss_fn(
+            student_logits,
+            teacher_logits,
+            self.center,
+            float(self.teacher_temp_schedule[epoch]),
+            self.student_temp,
+            n_global=2,
+            monitors=monitors,
+        )
+        self._start_center_update(output.teacher_sum.detach(), teacher_logits.shape[0])
+        return output
+
+    @torch.no_grad()
+    def _start_center_update(self, teacher_sum: torch.Tensor, rows: int) -> None:
+        work = None
+        if dist.is_available() and dist.is_initialized():
+            work = dist.all_reduce(teacher_sum, async_op=True)
+        self._pending = (teacher_sum, rows, work)
+
+    @torch.no_grad()
+    def synchronize_center(self) -> None:
+        """Finish the pending center update (no-op when there is none)."""
+        if self._pending is None:
+            return
+        teacher_sum, rows, work = self._pending
+        self._pending = None
+        world_size = 1
+        if work is not None:
+            work.wait()
+            world_size = dist.get_world_size()
+        batch_center = teacher_sum.float() / (rows * world_size)
+        self.center.mul_(self.center_momentum).add_(batch_center.view_as(self.center), alpha=1 - self.center_momentum)

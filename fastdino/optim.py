@@ -1,0 +1,59 @@
+"""Optimizer construction and the gradient surgery of the reference: parameter groups, per-parameter
+clipping, last-layer freezing."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def parameter_groups(model: nn.Module) -> list[dict]:
+    """Two groups as the reference: weight decay on weight matrices only (not on biases or 1-D tensors).
+
+    The scheduler sets the decay of group 0 every step; group 1 stays at zero.
+    """
+    regularized, not_regularized = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        if name.endswith(".bias") or param.ndim == 1:
+            not_regularized.append(param)
+        else:
+            regularized.append(param)
+    return [{"params": regularized}, {"params": not_regularized, "weight_decay": 0.0}]
+
+
+def build_optimizer(model: nn.Module, name: str = "adamw", fused: bool = False) -> torch.optim.Optimizer:
+    """AdamW (fused kernel on CUDA when `fused`) or SGD with momentum; lr and weight decay come from the schedules."""
+    groups = parameter_groups(model)
+    if name == "adamw":
+        return torch.optim.AdamW(groups, lr=0.0, fused=fused or None)
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=0.0, momentum=0.9)
+    raise ValueError(f"unknown optimizer {name!r}: use adamw or sgd")
+
+
+@torch.no_grad()
+def clip_gradients_(model: nn.Module, max_norm: float) -> torch.Tensor | None:
+    """Cap each parameter's gradient norm at `max_norm` separately, as the reference does, without a host sync.
+
+    The reference loops in Python and reads every norm back to the host; here all norms come from one foreach
+    call and the scales are applied on the device (a scale of exactly 1 where no clipping is needed).
+    Returns the per-parameter norms (before clipping) as one tensor, or None when there is no gradient.
+    """
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if not grads:
+        return None
+    norms = torch.stack([norm.float() for norm in torch._foreach_norm(grads, 2.0)])
+    scales = torch.clamp(max_norm / (norms + 1e-6), max=1.0)
+    torch._foreach_mul_(grads, list(scales.unbind()))
+    return norms
+
+
+def cancel_last_layer_gradients_(model: nn.Module, epoch: int, freeze_last_layer: int) -> None:
+    """Drop the gradients of the head's last layer during the first `freeze_last_layer` epochs (stabilizes the
+    start of training); the optimizer then skips those parameters."""
+    if epoch >= freeze_last_layer:
+        return
+    for name, param in model.named_parameters():
+        if "last_layer" in name:
+            param.grad = None

@@ -1,0 +1,61 @@
+"""What a run shows at its end: kNN accuracy of the teacher against the same network at its initial
+weights, attention pictures of the teacher, and the training curves."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from fastdino.config import Config
+from fastdino.eval.attention import save_attention_maps
+from fastdino.eval.knn import knn_accuracy
+from fastdino.eval.plots import plot_training_curves
+
+log = logging.getLogger("fastdino")
+
+
+def knn_top1(backbone: nn.Module, config: Config, device: torch.device) -> float:
+    """Weighted kNN top-1 (%) of `backbone` features, memory bank = eval.knn_train_path, queries = knn_val_path."""
+    result = knn_accuracy(
+        backbone,
+        config.eval.knn_train_path,
+        config.eval.knn_val_path,
+        image_size=config.eval.image_size,
+        device=device,
+        k=config.eval.knn_k,
+        temperature=config.eval.knn_temperature,
+    )
+    return result["top1"]
+
+
+def initial_backbone(config: Config) -> nn.Module:
+    """The student backbone exactly as training started from it (same seed, same construction): the fair
+    random-init baseline."""
+    from fastdino.trainer import build_backbone
+
+    torch.manual_seed(config.seed)
+    return build_backbone(config, config.model.drop_path_rate)
+
+
+def final_report(config: Config, teacher_backbone: nn.Module, device: torch.device) -> dict[str, float]:
+    """Writes the pictures into the run directory and prints the kNN lines last."""
+    run_dir = Path(config.output_dir)
+    results: dict[str, float] = {}
+    log_path = run_dir / "log.jsonl"
+    if log_path.is_file():
+        plot_training_curves(log_path, run_dir / "training_curves.png")
+    if config.eval.attention_images:
+        from fastdino.data.demo_dataset import demo_attention_images
+
+        picture_dir = run_dir / "attention"
+        for name, image in demo_attention_images()[: config.eval.attention_images]:
+            save_attention_maps(teacher_backbone, image, picture_dir, config.eval.image_size, name=name)
+        log.info("attention pictures written to %s", picture_dir)
+    if config.eval.final_knn:
+        results["knn_top1_trained"] = knn_top1(teacher_backbone, config, device)
+        results["knn_top1_random_init"] = knn_top1(initial_backbone(config).to(device), config, device)
+        print(f"kNN top-1 (trained): {results['knn_top1_trained']:.2f}%")
+        print(f"kNN top-1 (random init): {results['knn_top1_random_init']:.2f}%")
+    return results

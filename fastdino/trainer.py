@@ -1,0 +1,377 @@
+"""The DINO training loop: build everything from a Config, resume if a checkpoint exists, train, report."""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from fastdino import checkpoint
+from fastdino.config import Config, config_to_dict
+from fastdino.data.datasets import ImageFolderDataset
+from fastdino.distributed import DistributedContext, wrap_networks
+from fastdino.ema import TeacherEMA
+from fastdino.loss import DINOLoss
+from fastdino.metrics import MetricsLogger
+from fastdino.models import DINOHead, MultiCropWrapper, build_vit
+from fastdino.optim import build_optimizer, cancel_last_layer_gradients_, clip_gradients_
+from fastdino.schedules import Schedules
+
+log = logging.getLogger("fastdino")
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training produced a NaN or infinite loss; the message names the step and the last good checkpoint."""
+
+
+@dataclass
+class FastPaths:
+    """The fast paths actually in use for this run, each resolved from its config switch and the device."""
+
+    fused_loss: bool
+    fused_ema: bool
+    packed: bool
+    efficient_drop_path: bool
+    fused_adamw: bool
+    compile: bool
+    dali: bool
+
+
+def resolve_device(config: Config) -> torch.device:
+    if config.device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device=cuda was asked for but CUDA is not available (use device=auto or cpu)")
+    if config.device == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+def resolve_precision(config: Config, device: torch.device) -> torch.dtype:
+    """The autocast dtype: bf16 on CUDA by default, fp32 (no autocast) on CPU."""
+    choice = config.precision
+    if choice == "auto":
+        choice = "bf16" if device.type == "cuda" else "fp32"
+    if choice == "fp16" and device.type != "cuda":
+        raise RuntimeError("precision=fp16 needs CUDA; use fp32 or bf16 on CPU")
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[choice]
+
+
+def _switch(value: bool | str, available: bool) -> bool:
+    return available if value == "auto" else bool(value)
+
+
+def resolve_fast_paths(config: Config, device: torch.device) -> FastPaths:
+    """`auto` turns a fast path on where the device supports it (CUDA, and the library where one is needed)."""
+    from fastdino.models.attention import xformers_available
+
+    cuda = device.type == "cuda"
+    fast = config.fast
+    dali = config.data.loader == "dali" or (config.data.loader == "auto" and cuda and _dali_installed())
+    return FastPaths(
+        fused_loss=_switch(fast.fused_loss, cuda),
+        fused_ema=_switch(fast.fused_ema, cuda),
+        packed=_switch(fast.packed, cuda and xformers_available()),
+        efficient_drop_path=_switch(fast.efficient_drop_path, cuda),
+        fused_adamw=_switch(fast.fused_adamw, cuda),
+        compile=_switch(fast.compile, False),
+        dali=dali,
+    )
+
+
+def _dali_installed() -> bool:
+    try:
+        import nvidia.dali  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def build_backbone(config: Config, drop_path_rate: float, efficient_drop_path: bool = False) -> torch.nn.Module:
+    """The ViT the config describes (the student gets stochastic depth, the teacher none)."""
+    model = config.model
+    extra = {"depth": model.depth} if model.depth is not None else {}
+    return build_vit(
+        model.arch,
+        patch_size=model.patch_size,
+        drop_path_rate=drop_path_rate,
+        attention=model.attention,
+        img_size=config.data.global_crop_size,
+        efficient_drop_path=efficient_drop_path,
+        **extra,
+    )
+
+
+def build_networks(config: Config, fast: FastPaths) -> tuple[MultiCropWrapper, MultiCropWrapper]:
+    """Student and teacher: same architecture and the same starting weights; the teacher never gets gradients."""
+    model = config.model
+
+    def network(drop_path_rate: float, norm_last_layer: bool) -> MultiCropWrapper:
+        backbone = build_backbone(config, drop_path_rate, fast.efficient_drop_path)
+        head = DINOHead(
+            backbone.embed_dim,
+            model.out_dim,
+            use_bn=model.use_bn_in_head,
+            norm_last_layer=norm_last_layer,
+            nlayers=model.head_nlayers,
+            hidden_dim=model.head_hidden_dim,
+            bottleneck_dim=model.head_bottleneck_dim,
+        )
+        return MultiCropWrapper(backbone, head, packed=fast.packed)
+
+    student = network(model.drop_path_rate, model.norm_last_layer)
+    teacher = network(0.0, True)
+    teacher.load_state_dict(student.state_dict())
+    for param in teacher.parameters():
+        param.requires_grad = False
+    return student, teacher
+
+
+def build_loader(config: Config, fast: FastPaths, ctx: DistributedContext, device: torch.device):
+    """The multi-crop loader: DALI when on, else torchvision transforms in DataLoader workers."""
+    data = config.data
+    if fast.dali:
+        from fastdino.data.dali import DaliMultiCropLoader
+
+        return DaliMultiCropLoader(
+            data.path,
+            batch_size=data.batch_size_per_gpu,
+            global_crops_scale=data.global_crops_scale,
+            local_crops_scale=data.local_crops_scale,
+            local_crops_number=data.local_crops_number,
+            global_crop_size=data.global_crop_size,
+            local_crop_size=data.local_crop_size,
+            num_threads=data.num_workers,
+            seed=config.seed,
+            rank=ctx.rank,
+            world_size=ctx.world_size,
+            device=device,
+        )
+    from fastdino.data.augment import DataAugmentationDINO
+    from fastdino.data.torch_loader import MultiCropLoader
+
+    transform = DataAugmentationDINO(
+        data.global_crops_scale,
+        data.local_crops_scale,
+        data.local_crops_number,
+        global_crop_size=data.global_crop_size,
+        local_crop_size=data.local_crop_size,
+    )
+    dataset = ImageFolderDataset(data.path, transform=transform)
+    return MultiCropLoader(
+        dataset,
+        batch_size=data.batch_size_per_gpu,
+        num_workers=data.num_workers,
+        seed=config.seed,
+        rank=ctx.rank,
+        world_size=ctx.world_size,
+    )
+
+
+class Trainer:
+    """Owns the state of one run. `Trainer(config).train()` trains to the last epoch, resuming if it can."""
+
+    def __init__(self, config: Config, ctx: DistributedContext | None = None) -> None:
+        self.config = config
+        self.ctx = ctx or DistributedContext.single()
+        self.output_dir = Path(config.output_dir)
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        self.device = resolve_device(config) if ctx is None else self.ctx.device
+        self.autocast_dtype = resolve_precision(config, self.device)
+        self.fast = resolve_fast_paths(config, self.device)
+
+        self.loader = build_loader(config, self.fast, self.ctx, self.device)
+        if len(self.loader) == 0:
+            raise ValueError(
+                f"data.batch_size_per_gpu={config.data.batch_size_per_gpu} is larger than this rank's share of "
+                f"the dataset at {config.data.path}: no full batch per epoch"
+            )
+        torch.manual_seed(config.seed)  # identical initial weights on every rank and in the random-init twin
+        student, teacher = build_networks(config, self.fast)
+        student, teacher = student.to(self.device), teacher.to(self.device)
+        self.student, self.teacher = wrap_networks(student, teacher, config, self.ctx, self.fast)
+        self.ema = TeacherEMA(self.student, self.teacher, fused=self.fast.fused_ema)
+        self.optimizer = build_optimizer(self.student, config.optim.optimizer, fused=self.fast.fused_adamw)
+        self.scaler = torch.amp.GradScaler("cuda") if self.autocast_dtype == torch.float16 else None
+        self.schedules = Schedules(config, len(self.loader), self.ctx.world_size)
+        self.dino_loss = DINOLoss(
+            config.model.out_dim,
+            self.schedules.teacher_temp,
+            config.dino.student_temp,
+            config.dino.center_momentum,
+            fused=self.fast.fused_loss,
+        ).to(self.device)
+        self.metrics = MetricsLogger(self.output_dir, enabled=self.ctx.is_main)
+        self.step = 0  # global step about to run
+        self.last_checkpoint: Path | None = None
+        resume_from = checkpoint.latest_checkpoint(self.output_dir)
+        if resume_from is None:
+            torch.manual_seed(config.seed + 1 + self.ctx.rank)  # stochastic depth draws differ per rank
+        else:
+            self.resume(resume_from)
+
+    # ---------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, Any]:
+        self.dino_loss.synchronize_center()
+        state = {
+            "student": self.student.state_dict(),
+            "teacher": self.teacher.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "dino_loss": self.dino_loss.state_dict(),
+            "step": self.step,
+            "epoch": self.step // len(self.loader),
+            "rng": checkpoint.capture_rng_state(),
+            "config": config_to_dict(self.config),
+        }
+        if self.scaler is not None:
+            state["scaler"] = self.scaler.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.student.load_state_dict(state["student"])
+        self.teacher.load_state_dict(state["teacher"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.dino_loss.load_state_dict(state["dino_loss"])
+        if self.scaler is not None and "scaler" in state:
+            self.scaler.load_state_dict(state["scaler"])
+        self.step = state["step"]
+        checkpoint.restore_rng_state(state["rng"])
+
+    def resume(self, path: Path) -> None:
+        self.load_state_dict(checkpoint.load(path, map_location=self.device))
+        self.last_checkpoint = path
+        self.metrics.drop_rows_after(self.step)
+        if self.ctx.is_main:
+            log.info("resumed from %s at step %d (epoch %d)", path, self.step, self.step // len(self.loader))
+
+    def save(self) -> None:
+        state = self.state_dict()
+        if not self.ctx.is_main:
+            return
+        path = self.output_dir / checkpoint.LATEST
+        checkpoint.save_atomic(state, path)
+        self.last_checkpoint = path
+        epoch_done = self.step % len(self.loader) == 0
+        epoch = self.step // len(self.loader)
+        freq = self.config.saveckp_freq
+        if epoch_done and freq and (epoch - 1) % freq == 0:
+            checkpoint.save_atomic(state, self.output_dir / f"checkpoint{epoch - 1:04d}.pth")
+
+    # ---------------------------------------------------------------- one step
+    def train_step(self, crops: list[torch.Tensor], epoch: int, monitors: bool = False):
+        """Forward both networks, backward, clip, optimizer step, EMA. Returns the loss output (on device)."""
+        config, step = self.config, self.step
+        for index, group in enumerate(self.optimizer.param_groups):
+            group["lr"] = float(self.schedules.lr[step])
+            if index == 0:
+                group["weight_decay"] = float(self.schedules.weight_decay[step])
+        crops = [crop.to(self.device, non_blocking=True) for crop in crops]
+        autocast = torch.autocast(
+            self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype != torch.float32
+        )
+        with autocast:
+            with torch.no_grad():
+                teacher_logits = self.teacher(crops[:2])
+            student_logits = self.student(crops)
+        output = self.dino_loss(student_logits, teacher_logits, epoch, monitors=monitors)
+
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler.scale(output.loss).backward()
+            self.scaler.unscale_(self.optimizer)
+        else:
+            output.loss.backward()
+        if config.optim.clip_grad:
+            clip_gradients_(self.student, config.optim.clip_grad)
+        cancel_last_layer_gradients_(self.student, epoch, config.optim.freeze_last_layer)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.ema.update(float(self.schedules.momentum[step]))
+        self.dino_loss.synchronize_center()
+        self.step += 1
+        return output
+
+    # ---------------------------------------------------------------- the loop
+    def train(self) -> dict[str, Any]:
+        config = self.config
+        steps_per_epoch = len(self.loader)
+        total = self.schedules.total_steps
+        batch = config.data.batch_size_per_gpu * self.ctx.world_size
+        progress = tqdm(total=total, initial=self.step, disable=not self.ctx.is_main, unit="step", dynamic_ncols=True)
+        loss_sum = torch.zeros((), device=self.device)
+        window_steps, window_start = 0, time.perf_counter()
+        last_row: dict[str, Any] = {}
+        while self.step < total:
+            epoch, start = divmod(self.step, steps_per_epoch)
+            for crops, _labels in self.loader.epoch_iter(epoch, start_step=start):
+                monitors = config.monitor_every > 0 and self.step % config.monitor_every == 0
+                output = self.train_step(crops, epoch, monitors=monitors)
+                loss_sum += output.loss.detach()
+                window_steps += 1
+                progress.update(1)
+                if monitors:
+                    last_row["teacher_entropy"] = output.teacher_entropy.item()
+                    last_row["teacher_student_kl"] = output.teacher_student_kl.item()
+                at_epoch_end = self.step % steps_per_epoch == 0
+                at_checkpoint = at_epoch_end or (config.checkpoint_every and self.step % config.checkpoint_every == 0)
+                if self.step % config.log_every == 0 or at_checkpoint or self.step == total:
+                    loss = self.ctx.mean(loss_sum / window_steps).item()
+                    self._check_finite(loss, epoch)
+                    seconds = time.perf_counter() - window_start
+                    last_row.update(self._log_row(epoch, loss, window_steps * batch / seconds))
+                    self.metrics.log(last_row)
+                    progress.set_postfix(
+                        loss=f"{loss:.4f}", lr=f"{last_row['lr']:.2e}", img_s=f"{last_row['img_per_s']:.0f}"
+                    )
+                    loss_sum.zero_()
+                    window_steps, window_start = 0, time.perf_counter()
+                if at_checkpoint:
+                    self.save()
+                if at_epoch_end:
+                    self._end_of_epoch(epoch)
+                    break
+        progress.close()
+        self.metrics.close()
+        return last_row
+
+    def _log_row(self, epoch: int, loss: float, images_per_second: float) -> dict[str, Any]:
+        step = self.step - 1
+        return {
+            "step": self.step,
+            "epoch": epoch,
+            "loss": loss,
+            "lr": float(self.schedules.lr[step]),
+            "weight_decay": float(self.schedules.weight_decay[step]),
+            "momentum": float(self.schedules.momentum[step]),
+            "teacher_temp": float(self.schedules.teacher_temp[epoch]),
+            "img_per_s": images_per_second,
+        }
+
+    def _check_finite(self, loss: float, epoch: int) -> None:
+        if math.isfinite(loss):
+            return
+        where = self.last_checkpoint or "none (no checkpoint was written yet)"
+        raise NonFiniteLossError(
+            f"the loss became {loss} by step {self.step} (epoch {epoch}); training stopped without saving. "
+            f"Last good checkpoint: {where}. Try a lower optim.lr, a longer optim.warmup_epochs, "
+            f"precision=fp32, or dino.teacher_temp closer to 0.04."
+        )
+
+    def _end_of_epoch(self, epoch: int) -> None:
+        every = self.config.eval.knn_every_epochs
+        if every and (epoch + 1) % every == 0 and self.ctx.is_main:
+            from fastdino.report import knn_top1
+
+            top1 = knn_top1(self.teacher_backbone(), self.config, self.device)
+            self.metrics.log({"step": self.step, "epoch": epoch, "knn_top1": top1})
+            log.info("epoch %d: kNN top-1 %.2f%%", epoch, top1)
+
+    def teacher_backbone(self) -> torch.nn.Module:
+        """The teacher's ViT (what DINO evaluates and exports)."""
+        return self.teacher.backbone

@@ -1,0 +1,54 @@
+"""Train DINO.
+
+    python train.py --config configs/vit_small_p16.yaml data.path=/path/to/imagenet/train output_dir=runs/x
+
+Any config field can be overridden as `section.key=value`. A run resumes automatically from
+`<output_dir>/checkpoint.pth` when it exists. Multi-GPU: `torchrun --nproc_per_node=8 train.py ...`.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from fastdino.config import ConfigError, load_config
+from fastdino.data.datasets import DatasetError, find_images
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="YAML recipe under configs/ (defaults: the reference main_dino.py's)")
+    parser.add_argument("overrides", nargs="*", help="key=value settings, e.g. optim.lr=0.001 data.path=/data")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    args = parse_args(argv)
+    try:
+        config = load_config(args.config, args.overrides)
+        if not config.data.path:
+            raise ConfigError("data.path is not set: pass data.path=/path/to/images")
+        find_images(config.data.path)  # a missing or empty dataset fails here, before anything heavy starts
+    except (ConfigError, DatasetError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+    from fastdino.distributed import init_distributed
+    from fastdino.report import final_report
+    from fastdino.trainer import NonFiniteLossError, Trainer
+
+    ctx = init_distributed(config.device)
+    trainer = Trainer(config, ctx)
+    try:
+        trainer.train()
+    except NonFiniteLossError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    if ctx.is_main:
+        final_report(config, trainer.teacher_backbone(), trainer.device)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
