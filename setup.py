@@ -20,6 +20,7 @@ setup(
         "tensorboard",
         "matplotlib",
         "scikit-learn",
+        "scikit-image",
     ],
     extras_require={
         "dali": ["nvidia-dali-cuda130"],

@@ -18,7 +18,7 @@ from fastdino.distributed import DistributedContext, wrap_networks
 from fastdino.ema import TeacherEMA
 from fastdino.loss import DINOLoss
 from fastdino.metrics import MetricsLogger
-from fastdino.models import DINOHead, MultiCropWrapper, build_vit
+from fastdino.models import DINOHead, MultiCropWrapper, build_vit, xformers_usable
 from fastdino.optim import build_optimizer, cancel_last_layer_gradients_, clip_gradients_
 from fastdino.schedules import Schedules
 
@@ -66,15 +66,13 @@ def _switch(value: bool | str, available: bool) -> bool:
 
 def resolve_fast_paths(config: Config, device: torch.device) -> FastPaths:
     """`auto` turns a fast path on where the device supports it (CUDA, and the library where one is needed)."""
-    from fastdino.models.attention import xformers_available
-
     cuda = device.type == "cuda"
     fast = config.fast
     dali = config.data.loader == "dali" or (config.data.loader == "auto" and cuda and _dali_installed())
     return FastPaths(
         fused_loss=_switch(fast.fused_loss, cuda),
         fused_ema=_switch(fast.fused_ema, cuda),
-        packed=_switch(fast.packed, cuda and xformers_available()),
+        packed=_switch(fast.packed, cuda and xformers_usable()),
         efficient_drop_path=_switch(fast.efficient_drop_path, cuda),
         fused_adamw=_switch(fast.fused_adamw, cuda),
         compile=_switch(fast.compile, False),
@@ -90,7 +88,9 @@ def _dali_installed() -> bool:
     return True
 
 
-def build_backbone(config: Config, drop_path_rate: float, efficient_drop_path: bool = False) -> torch.nn.Module:
+def build_backbone(
+    config: Config, drop_path_rate: float, efficient_drop_path: bool = False, compile_blocks: bool = False
+) -> torch.nn.Module:
     """The ViT the config describes (the student gets stochastic depth, the teacher none)."""
     model = config.model
     extra = {"depth": model.depth} if model.depth is not None else {}
@@ -101,6 +101,7 @@ def build_backbone(config: Config, drop_path_rate: float, efficient_drop_path: b
         attention=model.attention,
         img_size=config.data.global_crop_size,
         efficient_drop_path=efficient_drop_path,
+        compile_blocks=compile_blocks,
         **extra,
     )
 
@@ -110,7 +111,7 @@ def build_networks(config: Config, fast: FastPaths) -> tuple[MultiCropWrapper, M
     model = config.model
 
     def network(drop_path_rate: float, norm_last_layer: bool) -> MultiCropWrapper:
-        backbone = build_backbone(config, drop_path_rate, fast.efficient_drop_path)
+        backbone = build_backbone(config, drop_path_rate, fast.efficient_drop_path, fast.compile)
         head = DINOHead(
             backbone.embed_dim,
             model.out_dim,
@@ -298,10 +299,12 @@ class Trainer:
         return output
 
     # ---------------------------------------------------------------- the loop
-    def train(self) -> dict[str, Any]:
+    def train(self, stop_after_steps: int | None = None) -> dict[str, Any]:
+        """Train until the last step of the schedule (or until global step `stop_after_steps`, as if the run were
+        interrupted there; the next Trainer on the same output_dir resumes from the last checkpoint)."""
         config = self.config
         steps_per_epoch = len(self.loader)
-        total = self.schedules.total_steps
+        total = self.schedules.total_steps if stop_after_steps is None else min(stop_after_steps, self.schedules.total_steps)
         batch = config.data.batch_size_per_gpu * self.ctx.world_size
         progress = tqdm(total=total, initial=self.step, disable=not self.ctx.is_main, unit="step", dynamic_ncols=True)
         loss_sum = torch.zeros((), device=self.device)
@@ -335,6 +338,7 @@ class Trainer:
                     self.save()
                 if at_epoch_end:
                     self._end_of_epoch(epoch)
+                if at_epoch_end or self.step >= total:
                     break
         progress.close()
         self.metrics.close()

@@ -1,0 +1,14 @@
+"""Data: image folders, the DINO multi-crop augmentation, the CPU loader.
+
+The DALI loader (fastdino.data.dali) is imported on its own, since it needs the optional DALI
+package; so is the demo dataset (fastdino.data.demo_dataset), which is also a command.
+"""
+from fastdino.data.augment import IMAGENET_MEAN, IMAGENET_STD, DataAugmentationDINO
+from fastdino.data.datasets import IMAGE_EXTENSIONS, DatasetError, ImageFolderDataset, find_images
+from fastdino.data.torch_loader import MultiCropLoader, epoch_batches, sample_seed
+
+__all__ = [
+    "IMAGENET_MEAN", "IMAGENET_STD", "DataAugmentationDINO",
+    "IMAGE_EXTENSIONS", "DatasetError", "ImageFolderDataset", "find_images",
+    "MultiCropLoader", "epoch_batches", "sample_seed",
+]

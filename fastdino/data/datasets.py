@@ -1,0 +1,129 @@
+"""Image folders on disk: finding the files, and decoding them robustly.
+
+One corrupt JPEG among a million must not end a multi-day run, so unreadable files are skipped (with a warning that
+names them) and replaced by the next readable sample instead of raising inside a data-loader worker.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+from PIL import Image
+from torch.utils.data import Dataset
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+
+logger = logging.getLogger("fastdino.data")
+
+# What PIL raises on a truncated, corrupt, unsupported or unreadable file (UnidentifiedImageError is an OSError).
+_DECODE_ERRORS = (OSError, ValueError, EOFError, SyntaxError, Image.DecompressionBombError)
+
+
+class DatasetError(ValueError):
+    """The dataset on disk cannot be used: missing folder, no images, or no readable image at all."""
+
+
+def is_image_file(path: str | Path) -> bool:
+    """True when the file name ends with one of IMAGE_EXTENSIONS (case-insensitive)."""
+    return str(path).lower().endswith(IMAGE_EXTENSIONS)
+
+
+def _images_under(folder: Path) -> list[str]:
+    """All image files below `folder` (recursive, symlinks followed), sorted so that every process sees one order."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        dirnames[:] = [name for name in dirnames if not name.startswith(".")]
+        found.extend(os.path.join(dirpath, name) for name in filenames if is_image_file(name))
+    return sorted(found)
+
+
+def find_images(root: str | Path) -> tuple[list[tuple[str, int]], list[str]]:
+    """List the images of a dataset folder and their labels.
+
+    Two layouts are accepted:
+    - class folders (torchvision ImageFolder): `root/<class>/**/<image>`; class names sorted give labels 0..C-1,
+      files are searched recursively inside each class folder and sorted; loose files directly in `root` are ignored.
+    - a flat folder: `root/<image>` with no sub-folder; every label is -1 and `classes` is empty.
+    Hidden folders (name starting with '.') are ignored. Returns (samples [(path, label)], classes).
+    """
+    root = Path(root).expanduser()
+    if not root.exists():
+        raise DatasetError(f"dataset folder {str(root)!r} does not exist")
+    if not root.is_dir():
+        raise DatasetError(f"dataset path {str(root)!r} is not a folder; "
+                           "expected a folder of images or of class folders")
+    extensions = " ".join(IMAGE_EXTENSIONS)
+    class_dirs = sorted(entry.name for entry in os.scandir(root) if entry.is_dir() and not entry.name.startswith("."))
+    if not class_dirs:
+        files = sorted(str(root / entry.name) for entry in os.scandir(root)
+                       if entry.is_file() and is_image_file(entry.name))
+        if not files:
+            raise DatasetError(f"dataset folder {str(root)!r} holds no image files (accepted extensions: {extensions}) "
+                               "and no class sub-folders")
+        return [(path, -1) for path in files], []
+    samples: list[tuple[str, int]] = []
+    for label, name in enumerate(class_dirs):
+        files = _images_under(root / name)
+        if not files:
+            # An empty class would shift every later label, and train/val label maps would disagree silently.
+            raise DatasetError(f"class folder {str(root / name)!r} holds no image files (accepted extensions: "
+                               f"{extensions}); remove it or add images")
+        samples.extend((path, label) for path in files)
+    return samples, class_dirs
+
+
+def load_rgb(path: str | Path) -> Image.Image:
+    """Decode an image file fully (so truncation is detected here) and convert it to 8-bit RGB.
+
+    Grayscale, palette, CMYK and alpha images all become RGB (alpha is dropped, as torchvision's loader does).
+    Raises the decoder's error (OSError, ValueError, ...) for unreadable files.
+    """
+    with Image.open(path) as image:
+        if image.mode == "P" and "transparency" in image.info:
+            image = image.convert("RGBA")  # PIL warns when a palette with transparency goes straight to RGB
+        return image.convert("RGB")  # convert() loads every pixel, so a truncated file fails now, not later
+
+
+class ImageFolderDataset(Dataset):
+    """Images of a folder (see `find_images` for the layouts) as (transform(image), label) pairs.
+
+    A file that cannot be decoded is logged once (per process) on the "fastdino.data" logger, counted in
+    `num_skipped` (per process: each data-loader worker keeps its own count) and replaced by the next readable sample
+    (index + 1, + 2, ... wrapping around), so the result for a given index is deterministic.
+    """
+
+    def __init__(self, root: str | Path, transform: Callable[[Image.Image], Any] | None = None):
+        self.root = Path(root)
+        self.samples, self.classes = find_images(self.root)
+        self.transform = transform
+        self.num_skipped = 0
+        self._unreadable: set[int] = set()
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def load(self, index: int) -> tuple[Image.Image, int]:
+        """The RGB image and label of sample `index`, or of the next readable sample when that file is corrupt."""
+        count = len(self.samples)
+        if not -count <= index < count:
+            raise IndexError(f"sample index {index} out of range for a dataset of {count} images")
+        index %= count
+        for offset in range(count):
+            candidate = (index + offset) % count
+            if candidate in self._unreadable:
+                continue
+            path, label = self.samples[candidate]
+            try:
+                return load_rgb(path), label
+            except _DECODE_ERRORS as error:
+                self._unreadable.add(candidate)
+                self.num_skipped += 1
+                logger.warning("skipping unreadable image %s (%s: %s); using the next sample instead",
+                               path, type(error).__name__, error)
+        raise DatasetError(f"none of the {count} images under {str(self.root)!r} could be decoded")
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        image, label = self.load(index)
+        return (self.transform(image) if self.transform is not None else image), label

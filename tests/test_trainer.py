@@ -1,0 +1,126 @@
+"""The training loop on tiny images: it learns, it resumes bit-identically, it stops clearly on a NaN."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import train
+from fastdino.config import load_config
+from fastdino.trainer import NonFiniteLossError, Trainer
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory):
+    """16 small JPEGs in 2 classes: smooth colour gradients with a class-dependent orientation."""
+    root = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    for index in range(16):
+        label = index % 2
+        folder = root / f"class{label}"
+        folder.mkdir(exist_ok=True)
+        ramp = np.linspace(0, 255, 40)
+        base = np.tile(ramp, (40, 1)) if label == 0 else np.tile(ramp[:, None], (1, 40))
+        pixels = np.stack([base, base[::-1], np.full_like(base, rng.uniform(0, 255))], -1)
+        pixels = np.clip(pixels + rng.normal(0, 20, pixels.shape), 0, 255).astype(np.uint8)
+        Image.fromarray(pixels).save(folder / f"{index}.jpg", quality=90)
+    return root
+
+
+def tiny_config(data_path, output_dir, *extra):
+    return load_config(None, [
+        f"data.path={data_path}", f"output_dir={output_dir}", "model.arch=vit_tiny", "model.depth=1",
+        "model.patch_size=8", "model.out_dim=64", "model.head_hidden_dim=32", "model.head_bottleneck_dim=16",
+        "data.global_crop_size=16", "data.local_crop_size=8", "data.local_crops_number=2",
+        "data.batch_size_per_gpu=4", "data.num_workers=0", "optim.epochs=2", "optim.warmup_epochs=1",
+        "log_every=1", "monitor_every=2", *extra,
+    ])
+
+
+def test_a_few_steps_lower_the_loss_on_a_fixed_batch(image_folder, tmp_path):
+    """With the teacher held still (momentum 1) the student must learn to match it."""
+    config = tiny_config(image_folder, tmp_path, "dino.momentum_teacher=1.0", "optim.freeze_last_layer=0",
+                         "optim.warmup_epochs=0", "optim.lr=0.02", "model.drop_path_rate=0.0")
+    trainer = Trainer(config)
+    crops, _ = next(iter(trainer.loader.epoch_iter(0)))
+    losses = [trainer.train_step(crops, epoch=0).loss.item() for _ in range(8)]
+    trainer.step = 0
+    assert losses[-1] < losses[0] - 0.05, losses
+
+
+def state_of(trainer):
+    return {
+        "student": trainer.student.state_dict(),
+        "teacher": trainer.teacher.state_dict(),
+        "center": trainer.dino_loss.center.clone(),
+        "optimizer": trainer.optimizer.state_dict()["state"],
+    }
+
+
+def assert_identical(a, b, path=""):
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), path
+        for key in a:
+            assert_identical(a[key], b[key], f"{path}.{key}")
+    elif isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), f"{path} differs"
+    else:
+        assert a == b, path
+
+
+def test_stop_and_resume_is_bit_identical(image_folder, tmp_path):
+    """8 steps straight through equal 3 steps (mid-epoch), a stop, and a resume for the remaining 5."""
+    straight = Trainer(tiny_config(image_folder, tmp_path / "straight"))
+    straight.train()
+    first = Trainer(tiny_config(image_folder, tmp_path / "resumed", "checkpoint_every=1"))
+    first.train(stop_after_steps=3)
+    assert first.step == 3
+    second = Trainer(tiny_config(image_folder, tmp_path / "resumed", "checkpoint_every=1"))
+    assert second.step == 3
+    second.train()
+    assert second.step == straight.step == 8
+    assert_identical(state_of(straight), state_of(second))
+    rows = lambda run: [json.loads(line) for line in (tmp_path / run / "log.jsonl").read_text().splitlines()]
+    straight_losses = [(r["step"], r["loss"]) for r in rows("straight") if "loss" in r]
+    resumed_losses = [(r["step"], r["loss"]) for r in rows("resumed") if "loss" in r]
+    assert straight_losses == resumed_losses
+
+
+def test_monitors_are_logged(image_folder, tmp_path):
+    Trainer(tiny_config(image_folder, tmp_path, "optim.epochs=1", "optim.warmup_epochs=0")).train()
+    rows = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert rows[-1]["step"] == 4 and "teacher_entropy" in rows[-1] and "teacher_student_kl" in rows[-1]
+    assert 0 <= rows[-1]["teacher_entropy"] <= np.log(64) + 1e-4
+    assert all(np.isfinite(r["loss"]) for r in rows)
+
+
+def test_non_finite_loss_stops_with_step_and_last_checkpoint(image_folder, tmp_path, monkeypatch):
+    trainer = Trainer(tiny_config(image_folder, tmp_path, "checkpoint_every=2"))
+    original = trainer.dino_loss.forward
+
+    def poisoned(student_logits, teacher_logits, epoch, monitors=False):
+        output = original(student_logits, teacher_logits, epoch, monitors)
+        return output._replace(loss=output.loss * float("nan")) if trainer.step >= 3 else output
+
+    monkeypatch.setattr(trainer.dino_loss, "forward", poisoned)
+    with pytest.raises(NonFiniteLossError, match=r"step 4 .*checkpoint.pth"):
+        trainer.train()
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (["data.path={missing}"], "does not exist"),
+        (["data.path={empty}"], "no image"),
+        (["data.path={images}", "optim.learning_rate=1"], "unknown config key 'optim.learning_rate'"),
+        (["data.path={images}", "optim.lr=fast"], "optim.lr: expected a number"),
+        ([], "data.path is not set"),
+    ],
+)
+def test_command_line_rejects_bad_input_before_training(arguments, message, image_folder, tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    paths = {"missing": tmp_path / "missing", "empty": tmp_path / "empty", "images": image_folder}
+    code = train.main([argument.format(**paths) for argument in arguments])
+    assert code == 2
+    assert message in capsys.readouterr().err
