@@ -82,6 +82,7 @@ class FastConfig:
     packed: Switch = "auto"  # all crops in one packed forward (CUDA with xformers)
     efficient_drop_path: Switch = "auto"  # residual branches only for kept samples (CUDA)
     fused_adamw: Switch = "auto"  # torch.optim.AdamW(fused=True) (CUDA)
+    sync_free_clip: Switch = "auto"  # per-parameter clipping without a host sync per parameter (everywhere)
     compile: Switch = False  # torch.compile of the transformer blocks
 
 

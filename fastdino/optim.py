@@ -49,6 +49,20 @@ def clip_gradients_(model: nn.Module, max_norm: float) -> torch.Tensor | None:
     return norms
 
 
+@torch.no_grad()
+def clip_gradients_reference_(model: nn.Module, max_norm: float) -> list[float]:
+    """The reference's loop, host sync included (one `.item()` per parameter): the baseline benchmarks measure."""
+    norms = []
+    for param in model.parameters():
+        if param.grad is not None:
+            norm = param.grad.norm(2)
+            norms.append(norm.item())
+            scale = max_norm / (norm + 1e-6)
+            if scale < 1:
+                param.grad.mul_(scale)
+    return norms
+
+
 def cancel_last_layer_gradients_(model: nn.Module, epoch: int, freeze_last_layer: int) -> None:
     """Drop the gradients of the head's last layer during the first `freeze_last_layer` epochs (stabilizes the
     start of training); the optimizer then skips those parameters."""

@@ -19,7 +19,12 @@ from fastdino.ema import TeacherEMA
 from fastdino.loss import DINOLoss
 from fastdino.metrics import MetricsLogger
 from fastdino.models import DINOHead, MultiCropWrapper, build_vit, xformers_usable
-from fastdino.optim import build_optimizer, cancel_last_layer_gradients_, clip_gradients_
+from fastdino.optim import (
+    build_optimizer,
+    cancel_last_layer_gradients_,
+    clip_gradients_,
+    clip_gradients_reference_,
+)
 from fastdino.schedules import Schedules
 
 log = logging.getLogger("fastdino")
@@ -38,6 +43,7 @@ class FastPaths:
     packed: bool
     efficient_drop_path: bool
     fused_adamw: bool
+    sync_free_clip: bool
     compile: bool
     dali: bool
 
@@ -75,6 +81,7 @@ def resolve_fast_paths(config: Config, device: torch.device) -> FastPaths:
         packed=_switch(fast.packed, cuda and xformers_usable()),
         efficient_drop_path=_switch(fast.efficient_drop_path, cuda),
         fused_adamw=_switch(fast.fused_adamw, cuda),
+        sync_free_clip=_switch(fast.sync_free_clip, True),
         compile=_switch(fast.compile, False),
         dali=dali,
     )
@@ -286,7 +293,8 @@ class Trainer:
         else:
             output.loss.backward()
         if config.optim.clip_grad:
-            clip_gradients_(self.student, config.optim.clip_grad)
+            clip = clip_gradients_ if self.fast.sync_free_clip else clip_gradients_reference_
+            clip(self.student, config.optim.clip_grad)
         cancel_last_layer_gradients_(self.student, epoch, config.optim.freeze_last_layer)
         if self.scaler is not None:
             self.scaler.step(self.optimizer)

@@ -1,0 +1,1 @@
+"""Benchmarks: one script per thing measured; results as JSON under bench/results/."""

@@ -1,0 +1,288 @@
+"""Full DINO training steps: reference-style vs fastdino, plus each fast path switched on alone.
+
+GPU run:   python bench/bench_step.py [--models vit_small_p16,vit_small_p8,vit_base_p16,vit_base_p8] [--batch 64]
+    For each model at the recipe's crops (2 x 224² + 10 x 96²), out_dim 65536: times `Trainer.train_step` on crops
+    already on the GPU for the two contestants, alternating, and then every ablation (reference-style with one fast
+    path switched on). Reports images/s, step time (median, p10-p90), peak memory, MFU against the measured bf16
+    matmul rate, and the ratio fastdino / reference-style. With --loader, also the fastdino step fed by the real
+    loader (DALI when installed) on generated ImageNet-size JPEGs. Writes bench/results/step-<device>-<date>.json.
+CPU smoke: python bench/bench_step.py --smoke   (tiny ViT, fp32, Triton interpreter; checks that both
+    contestants compute the same loss on the same batch; writes only --out)
+
+Contestants (the same `Trainer.train_step`, configured by switches):
+- reference-style: what facebookresearch/dino does: fp16 autocast with a grad scaler, one backbone forward per
+  crop resolution, math attention, unfused loss, per-parameter clipping with a host sync per parameter,
+  per-parameter EMA loop, and `loss.item()` every step.
+- fastdino: bf16, packed crops with xformers (when usable), efficient stochastic depth, fused loss, fused EMA,
+  fused AdamW, sync-free clipping, no per-step host sync.
+
+FLOPs per image (counted here, teacher forward included): student forward+backward = 3 x forward over all crops,
+teacher = forward over the 2 global crops; forward of one crop = patch embedding + depth x (24 N D² + 4 N² D)
++ head (D·hidden + hidden² + hidden·bottleneck + bottleneck·out_dim, x2 for multiply-add).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+if "--smoke" in sys.argv:  # the kernels run in the Triton interpreter on CPU; set before triton is imported
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from bench.common import bench_device, environment, matmul_tflops, synchronize, time_calls, write_report  # noqa: E402
+from fastdino.config import load_config  # noqa: E402
+from fastdino.models import xformers_usable  # noqa: E402
+from fastdino.trainer import Trainer  # noqa: E402
+
+MODELS = {
+    "vit_small_p16": ("vit_small", 16, 384, 6),
+    "vit_small_p8": ("vit_small", 8, 384, 6),
+    "vit_base_p16": ("vit_base", 16, 768, 12),
+    "vit_base_p8": ("vit_base", 8, 768, 12),
+}
+REFERENCE_STYLE = {
+    "precision": "fp16", "model.attention": "math", "fast.fused_loss": False, "fast.fused_ema": False,
+    "fast.packed": False, "fast.efficient_drop_path": False, "fast.fused_adamw": False,
+    "fast.sync_free_clip": False, "fast.compile": False,
+}
+FAST_PATHS = {  # each fast path alone, as the ablation switches it on over reference-style
+    "bf16": {"precision": "bf16"},
+    "sdpa_attention": {"model.attention": "sdpa"},
+    "xformers_attention": {"model.attention": "xformers"},
+    "packed": {"fast.packed": True, "model.attention": "auto"},
+    "efficient_drop_path": {"fast.efficient_drop_path": True},
+    "fused_loss": {"fast.fused_loss": True},
+    "fused_ema": {"fast.fused_ema": True},
+    "fused_adamw": {"fast.fused_adamw": True},
+    "sync_free_clip": {"fast.sync_free_clip": True},
+    "compile": {"fast.compile": True},
+}
+
+
+def fastdino_settings(device: torch.device, compile_blocks: bool) -> dict:
+    """Everything on that this device supports."""
+    settings = {key: value for path in FAST_PATHS.values() for key, value in path.items()}
+    settings["model.attention"] = "auto"
+    settings["fast.packed"] = xformers_usable() or device.type == "cpu"
+    settings["fast.compile"] = compile_blocks
+    if device.type == "cpu":  # smoke: fp32 so that both contestants compute the same numbers
+        settings["precision"] = "fp32"
+    return settings
+
+
+def crop_flops(tokens: int, patch: int, dim: int, depth: int, hidden: int, bottleneck: int, out_dim: int) -> int:
+    """Forward FLOPs of backbone + head for one crop of `tokens` tokens (CLS included)."""
+    patch_embed = 2 * (tokens - 1) * 3 * patch**2 * dim
+    blocks = depth * (24 * tokens * dim**2 + 4 * tokens**2 * dim)
+    head = 2 * (dim * hidden + hidden * hidden + hidden * bottleneck + bottleneck * out_dim)
+    return patch_embed + blocks + head
+
+
+def step_flops_per_image(config) -> int:
+    model, data = config.model, config.data
+    dim = {"vit_tiny": 192, "vit_small": 384, "vit_base": 768}[model.arch]
+    depth = model.depth or 12
+    head = (model.head_hidden_dim, model.head_bottleneck_dim, model.out_dim)
+    tokens = lambda size: (size // model.patch_size) ** 2 + 1  # noqa: E731
+    global_crop = crop_flops(tokens(data.global_crop_size), model.patch_size, dim, depth, *head)
+    local_crop = crop_flops(tokens(data.local_crop_size), model.patch_size, dim, depth, *head)
+    student = 3 * (2 * global_crop + data.local_crops_number * local_crop)
+    return student + 2 * global_crop
+
+
+def write_jpegs(root: Path, count: int, size: tuple[int, int]) -> None:
+    """ImageNet-like JPEGs (smooth colour fields with noise, quality 90) in one class folder."""
+    folder = root / "class0"
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    width, height = size
+    for index in range(count):
+        gradient = np.linspace(0, 255, width)[None, :, None] * rng.uniform(0.2, 1, 3)
+        pixels = np.broadcast_to(gradient, (height, width, 3)) + rng.normal(0, 25, (height, width, 3))
+        Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(folder / f"{index:05d}.jpg", quality=90)
+
+
+def make_trainer(base: list[str], settings: dict, output_dir: Path) -> Trainer:
+    overrides = base + [f"{key}={str(value).lower() if isinstance(value, bool) else value}"
+                        for key, value in settings.items()] + [f"output_dir={output_dir}"]
+    return Trainer(load_config(None, overrides))
+
+
+def synthetic_crops(config, device: torch.device, seed: int = 0) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    batch, data = config.data.batch_size_per_gpu, config.data
+    sizes = [data.global_crop_size] * 2 + [data.local_crop_size] * data.local_crops_number
+    return [torch.randn(batch, 3, s, s, generator=generator).to(device) for s in sizes]
+
+
+class Contestant:
+    """A trainer with its switches; `step()` runs one training step on the fixed batch."""
+
+    def __init__(self, name: str, trainer: Trainer, crops: list[torch.Tensor], sync_every_step: bool):
+        self.name, self.trainer, self.crops, self.sync_every_step = name, trainer, crops, sync_every_step
+        self.times: list[float] = []
+
+    def step(self) -> float | None:
+        output = self.trainer.train_step(self.crops, epoch=1)  # epoch 1: past the last-layer freeze
+        self.trainer.step = 1  # stay at the same schedule position
+        return output.loss.item() if self.sync_every_step else None
+
+
+def summarize(contestant: Contestant, flops_per_image: int, batch: int, peak_tflops: float | None, memory) -> dict:
+    times = sorted(contestant.times)
+    median = statistics.median(times)
+    row = {
+        "name": contestant.name,
+        "step_ms_median": median,
+        "step_ms_p10": times[len(times) // 10],
+        "step_ms_p90": times[(len(times) * 9) // 10],
+        "images_per_s": batch * 1e3 / median,
+        "peak_memory_gib": memory,
+        "fast_paths": vars(contestant.trainer.fast),
+    }
+    if peak_tflops:
+        row["mfu"] = flops_per_image * batch / (median / 1e3) / (peak_tflops * 1e12)
+    return row
+
+
+def run_contestants(contestants: list[Contestant], device: torch.device, warmup: int, steps: int) -> dict:
+    """Warm each up, then alternate single timed steps so that drift affects all alike. Peak memory per contestant."""
+    memory = {}
+    for contestant in contestants:
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        contestant.times += time_calls(contestant.step, device, warmup, 1)
+        if device.type == "cuda":
+            memory[contestant.name] = torch.cuda.max_memory_allocated(device) / 2**30
+    for _ in range(steps - 1):
+        for contestant in contestants:
+            contestant.times += time_calls(contestant.step, device, 0, 1)
+    return memory
+
+
+def bench_model(name: str, args, device: torch.device, peak_tflops: float | None, workdir: Path) -> dict:
+    arch, patch, _, _ = MODELS[name]
+    base = [f"data.path={workdir / 'images'}", f"model.arch={arch}", f"model.patch_size={patch}",
+            f"data.batch_size_per_gpu={args.batch}", f"data.local_crops_number={args.local_crops}",
+            "data.loader=torch", "data.num_workers=0", "optim.epochs=2", "optim.warmup_epochs=0", *args.override]
+    results: dict = {"model": name, "batch": args.batch}
+    reference_style = dict(REFERENCE_STYLE, precision="fp32") if device.type == "cpu" else REFERENCE_STYLE
+    reference = make_trainer(base, reference_style, workdir / f"{name}-reference")
+    crops = synthetic_crops(reference.config, device)
+    flops = step_flops_per_image(reference.config)
+    results["flops_per_image"] = flops
+    fast = make_trainer(base, {**reference_style, **fastdino_settings(device, args.compile)}, workdir / f"{name}-fast")
+    fast.student.load_state_dict(reference.student.state_dict())
+    fast.teacher.load_state_dict(reference.teacher.state_dict())
+    first_losses = (reference.train_step(crops, epoch=1).loss.item(), fast.train_step(crops, epoch=1).loss.item())
+    results["first_step_loss"] = {"reference_style": first_losses[0], "fastdino": first_losses[1]}
+    pair = [Contestant("reference_style", reference, crops, True), Contestant("fastdino", fast, crops, False)]
+    memory = run_contestants(pair, device, args.warmup, args.steps)
+    rows = {c.name: summarize(c, flops, args.batch, peak_tflops, memory.get(c.name)) for c in pair}
+    rows["fastdino"]["speedup_vs_reference_style"] = (
+        rows["reference_style"]["step_ms_median"] / rows["fastdino"]["step_ms_median"])
+    results["contestants"] = rows
+    del pair, reference, fast
+    if args.ablation:
+        results["ablation"] = []
+        for path, settings in FAST_PATHS.items():
+            if path == "xformers_attention" and not xformers_usable():
+                continue
+            trainer = make_trainer(base, {**REFERENCE_STYLE, **settings}, workdir / f"{name}-{path}")
+            contestant = Contestant(path, trainer, crops, True)
+            memory = run_contestants([contestant], device, args.warmup, args.steps)
+            row = summarize(contestant, flops, args.batch, peak_tflops, memory.get(path))
+            row["speedup_vs_reference_style"] = rows["reference_style"]["step_ms_median"] / row["step_ms_median"]
+            results["ablation"].append(row)
+            del trainer, contestant
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    if args.loader:
+        results["with_loader"] = bench_with_loader(base, args, device, workdir, name)
+    return results
+
+
+def bench_with_loader(base: list[str], args, device: torch.device, workdir: Path, name: str) -> dict:
+    """The fastdino step fed by the real loader (DALI when installed) from JPEG files, against synthetic crops."""
+    images = workdir / "loader_images"
+    if not images.exists():
+        write_jpegs(images, args.batch * (args.steps + args.warmup + 2), (500, 375))
+    settings = {**REFERENCE_STYLE, **fastdino_settings(device, args.compile), "data.loader": "auto",
+                "data.num_workers": args.workers, "data.path": images, "log_every": 10**6}
+    trainer = make_trainer(base, settings, workdir / f"{name}-loader")
+    times = []
+    synchronize(device)
+    last = time.perf_counter()
+    for index, (crops, _) in enumerate(trainer.loader.epoch_iter(1)):  # the loader's time counts in each step
+        if index == args.warmup + args.steps:
+            break
+        trainer.train_step(crops, epoch=1)
+        trainer.step = 1
+        synchronize(device)
+        now = time.perf_counter()
+        if index >= args.warmup:
+            times.append((now - last) * 1e3)
+        last = now
+    return {"loader": "dali" if trainer.fast.dali else "torch", "steps": len(times),
+            "step_ms_median": statistics.median(times) if times else None,
+            "images_per_s": args.batch * 1e3 / statistics.median(times) if times else None}
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--local-crops", type=int, default=10)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--workers", type=int, default=12)
+    parser.add_argument("--no-ablation", dest="ablation", action="store_false")
+    parser.add_argument("--loader", action="store_true", help="also time the step fed by the real loader")
+    parser.add_argument("--compile", action="store_true", help="fastdino contestant with torch.compile'd blocks")
+    parser.add_argument("--smoke", action="store_true")
+    parser.add_argument("--out", type=Path)
+    parser.add_argument("override", nargs="*", help="extra config overrides for every contestant")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.models, args.batch, args.local_crops, args.steps, args.warmup = "vit_small_p16", 2, 2, 2, 1
+        args.override = ["model.arch=vit_tiny", "model.depth=1", "model.out_dim=256", "model.head_hidden_dim=64",
+                         "model.head_bottleneck_dim=32", "data.global_crop_size=32", "data.local_crop_size=16",
+                         "model.patch_size=16", "model.drop_path_rate=0.0", *args.override]
+        args.ablation = False
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    device = bench_device(args.smoke)
+    report = {"benchmark": "step", "smoke": args.smoke, **environment(device)}
+    report["bf16_matmul_tflops"] = None if args.smoke else matmul_tflops(device)
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(tmp)
+        write_jpegs(workdir / "images", args.batch, (64, 64))
+        report["models"] = []
+        for name in args.models.split(","):
+            result = bench_model(name, args, device, report["bf16_matmul_tflops"], workdir)
+            report["models"].append(result)
+            rows = result["contestants"]
+            print(f"{name}: reference-style {rows['reference_style']['images_per_s']:.1f} img/s, fastdino "
+                  f"{rows['fastdino']['images_per_s']:.1f} img/s, x{rows['fastdino']['speedup_vs_reference_style']:.2f}"
+                  f"  (first-step loss {result['first_step_loss']})")
+    write_report(report, "step", args.out, args.smoke)
+    return report
+
+
+if __name__ == "__main__":
+    main()
