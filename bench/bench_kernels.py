@@ -1,0 +1,173 @@
+"""Time the fused DINO loss and the fused teacher EMA against their plain-PyTorch paths, in one process.
+
+GPU run (the numbers that count):   python bench/bench_kernels.py
+    DINO loss forward + backward at B=64 images, 2 global + 10 local crops, K=65536, fp32 and bf16 logits: the
+    reference (eager), the reference under torch.compile, the fused kernels. Teacher EMA over the parameters of
+    ViT-S/8 and ViT-B/8 with their DINO heads: the reference per-parameter loop, torch._foreach_lerp_, the fused
+    kernel. Medians of triton.testing.do_bench; results printed and saved to bench/results/kernels-<device>-<date>.json.
+CPU smoke run (CI):                 python bench/bench_kernels.py --smoke [--out FILE]
+    Tiny sizes under TRITON_INTERPRET=1, timed with time.perf_counter; checks fused == reference; writes only --out.
+
+Bandwidth floor (bytes that any implementation must move; achieved GB/s = these bytes / median time):
+    loss: student logits read once + teacher logits read once + student gradient written once
+          = 2 * S * K * bytes(student) + T * K * bytes(teacher), S = 12 * 64 student rows, T = 2 * 64 teacher rows;
+    EMA:  teacher read + student read + teacher written = 3 * N * 4 bytes for N fp32 parameters.
+The fraction of the floor = (floor bytes / peak HBM bandwidth) / median time; the report also records the
+measured device copy bandwidth (bench/common.py) as the practical ceiling.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from bench.common import (  # noqa: E402
+    bench_device, copy_bandwidth_gbs, environment, median_ms, relative_error, write_report,
+)
+
+VIT_DIMS = {"vit_small_p8": (384, 12), "vit_base_p8": (768, 12)}  # embed_dim, depth; ViT-B/8 and ViT-S/8 recipes
+PATCH, IMG_TOKENS = 8, (224 // 8) ** 2 + 1
+HEAD_OUT, HEAD_HIDDEN, HEAD_BOTTLENECK = 65536, 2048, 256
+
+
+def vit_with_head_shapes(
+    embed_dim: int, depth: int, out_dim: int = HEAD_OUT, hidden: int = HEAD_HIDDEN, bottleneck: int = HEAD_BOTTLENECK,
+) -> list[tuple[int, ...]]:
+    """Parameter shapes of a DINO ViT (patch 8, 224 px) plus its 3-layer DINO head with weight-normed last layer."""
+    d = embed_dim
+    shapes = [(1, 1, d), (1, IMG_TOKENS, d), (d, 3, PATCH, PATCH), (d,)]
+    for _ in range(depth):
+        shapes += [(d,), (d,), (3 * d, d), (3 * d,), (d, d), (d,), (d,), (d,), (4 * d, d), (4 * d,), (d, 4 * d), (d,)]
+    shapes += [(d,), (d,)]
+    shapes += [(hidden, d), (hidden,), (hidden, hidden), (hidden,),
+               (bottleneck, hidden), (bottleneck,), (out_dim, 1), (out_dim, bottleneck)]
+    return shapes
+
+
+def peak_bandwidth_bytes_per_s(device: torch.device) -> float | None:
+    """Theoretical HBM bandwidth from the memory clock and bus width (double data rate)."""
+    props = torch.cuda.get_device_properties(device)
+    clock_khz, bus_bits = getattr(props, "memory_clock_rate", 0), getattr(props, "memory_bus_width", 0)
+    return 2 * clock_khz * 1e3 * bus_bits / 8 if clock_khz and bus_bits else None
+
+
+def make_timer(smoke: bool, device: torch.device) -> Callable[[Callable[[], object], list[torch.Tensor]], float]:
+    """-> time_ms(fn, grad_to_none): do_bench median on GPU; one perf_counter-timed call on CPU (smoke only shows
+    that the plumbing works: the interpreter is slow)."""
+    if smoke:
+        return lambda fn, grad_to_none: median_ms(fn, device, warmup=0, reps=1)
+    import triton.testing
+
+    def time_ms(fn, grad_to_none):
+        return triton.testing.do_bench(fn, warmup=25, rep=200, grad_to_none=grad_to_none or None,
+                                       return_mode="median")
+    return time_ms
+
+
+def bench_loss(time_ms, device, smoke: bool, peak: float | None) -> list[dict]:
+    from fastdino.kernels import dino_loss_with_stats, dino_loss_with_stats_reference
+
+    batch, n_crops, num_classes = (2, 4, 1000) if smoke else (64, 12, 65536)
+    variants = {"reference": dino_loss_with_stats_reference, "fused": dino_loss_with_stats}
+    if not smoke:
+        variants = {"reference": dino_loss_with_stats_reference,
+                    "reference_compiled": torch.compile(dino_loss_with_stats_reference),
+                    "fused": dino_loss_with_stats}
+    rows = []
+    for dtype in (torch.float32, torch.bfloat16):
+        generator = torch.Generator().manual_seed(0)
+        student = torch.randn(n_crops * batch, num_classes, generator=generator).to(device, dtype).requires_grad_()
+        teacher = torch.randn(2 * batch, num_classes, generator=generator).to(device, dtype)
+        center = torch.randn(1, num_classes, generator=generator).to(device) * 0.1
+        floor_bytes = 2 * student.numel() * student.element_size() + teacher.numel() * teacher.element_size()
+        grads = {}
+        times = {}
+        for name, loss_fn in variants.items():
+            def step(loss_fn=loss_fn):
+                loss_fn(student, teacher, center, 0.04).loss.backward()
+            student.grad = None
+            step()  # compile / warm up, and keep the gradient for the check
+            grads[name] = student.grad.clone()
+            times[name] = time_ms(step, [student])
+        error = relative_error(grads["fused"], grads["reference"])
+        if error > (1e-5 if dtype == torch.float32 else 2e-2):
+            raise RuntimeError(f"fused DINO loss gradient differs from the reference: relative error {error:.2e}")
+        for name, ms in times.items():
+            rows.append(_row("dino_loss_fwd_bwd", name, dtype, ms, times["reference"], floor_bytes, peak,
+                             dict(batch=batch, n_crops=n_crops, num_classes=num_classes, grad_rel_error=error)))
+    return rows
+
+
+def bench_ema(time_ms, device, smoke: bool, peak: float | None) -> list[dict]:
+    from fastdino.ema import TeacherEMA
+
+    models = {"tiny": vit_with_head_shapes(16, 1, out_dim=64, hidden=32, bottleneck=8)} if smoke else {
+        name: vit_with_head_shapes(dim, depth) for name, (dim, depth) in VIT_DIMS.items()}
+    rows = []
+    for model, shapes in models.items():
+        generator = torch.Generator().manual_seed(0)
+        student = [torch.randn(shape, generator=generator).to(device) for shape in shapes]
+        teacher = [torch.randn(shape, generator=generator).to(device) for shape in shapes]
+        ema = TeacherEMA.from_tensors(student, teacher, fused=True)
+        floor_bytes = 3 * ema.numel * 4
+        start = [t.clone() for t in teacher]
+        results = {}
+        for name in ("update_reference_loop", "update_foreach", "update_fused"):
+            for t, s in zip(teacher, start):
+                t.copy_(s)
+            getattr(ema, name)(0.996)
+            results[name] = [t.clone() for t in teacher]
+        for a, b in zip(results["update_fused"], results["update_reference_loop"]):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+        times = {name: time_ms(lambda name=name: getattr(ema, name)(0.996), []) for name in results}
+        for name, ms in times.items():
+            rows.append(_row("teacher_ema", name.removeprefix("update_"), torch.float32, ms,
+                             times["update_reference_loop"], floor_bytes, peak,
+                             dict(model=model, n_params=ema.numel, n_tensors=len(shapes))))
+    return rows
+
+
+def _row(what, variant, dtype, ms, reference_ms, floor_bytes, peak, extra) -> dict:
+    row = dict(what=what, variant=variant, dtype=str(dtype).removeprefix("torch."), median_ms=ms,
+               speedup_vs_reference=reference_ms / ms, floor_bytes=floor_bytes,
+               achieved_gb_per_s=floor_bytes / (ms * 1e-3) / 1e9, **extra)
+    if peak:
+        row["fraction_of_bandwidth_floor"] = floor_bytes / peak / (ms * 1e-3)
+    return row
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes on CPU under the Triton interpreter")
+    parser.add_argument("--out", type=Path, help="where to write the JSON (default on GPU: bench/results/...)")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels (and triton) are first imported
+    device = bench_device(args.smoke)
+    peak = None if args.smoke else peak_bandwidth_bytes_per_s(device)
+    time_ms = make_timer(args.smoke, device)
+    report = environment(device)
+    report.update(
+        peak_bandwidth_gb_per_s=peak / 1e9 if peak else None,
+        copy_bandwidth_gb_per_s=None if args.smoke else copy_bandwidth_gbs(device),
+        results=bench_loss(time_ms, device, args.smoke, peak) + bench_ema(time_ms, device, args.smoke, peak),
+    )
+    for row in report["results"]:
+        fraction = row.get("fraction_of_bandwidth_floor")
+        print(f"{row['what']:18s} {row['variant']:20s} {row['dtype']:9s} {row.get('model', ''):13s} "
+              f"{row['median_ms']:9.3f} ms  x{row['speedup_vs_reference']:6.2f}  {row['achieved_gb_per_s']:8.1f} GB/s"
+              + (f"  {fraction:5.1%} of floor" if fraction else ""))
+    write_report(report, "kernels", args.out, smoke=args.smoke)
+    return report
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main() else 1)

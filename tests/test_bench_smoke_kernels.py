@@ -1,0 +1,25 @@
+"""The kernel benchmark's CPU smoke mode runs end to end, checks fused == reference, and writes only where told."""
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "bench" / "bench_kernels.py"
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+def test_bench_kernels_smoke(tmp_path):
+    spec = importlib.util.spec_from_file_location("bench_kernels", BENCH)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "kernels.json"
+    report = bench.main(["--smoke", "--out", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved["device"] == report["device"] and saved["device"].startswith("cpu")
+    assert saved["versions"]["triton"] and saved["git_commit"]
+    variants = {(row["what"], row["variant"], row["dtype"]) for row in saved["results"]}
+    assert ("dino_loss_fwd_bwd", "fused", "bfloat16") in variants
+    assert {"reference_loop", "foreach", "fused"} <= {row["variant"] for row in saved["results"]
+                                                       if row["what"] == "teacher_ema"}
+    assert all(row["median_ms"] > 0 and row["floor_bytes"] > 0 for row in saved["results"])
