@@ -1,0 +1,39 @@
+"""The attention and model benchmarks' CPU smoke modes run end to end and write JSON only where told."""
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+
+
+def load_bench(name):
+    sys.path.insert(0, str(BENCH))  # bench_model imports its shared helpers from bench_attention
+    try:
+        spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    finally:
+        sys.path.remove(str(BENCH))
+
+
+def test_bench_attention_smoke(tmp_path):
+    out = tmp_path / "attention.json"
+    report = load_bench("bench_attention").main(["--smoke", "--out", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved["device"] == report["device"] and saved["git_commit"] and saved["versions"]["torch"]
+    rows = saved["results"]
+    assert {(row["what"], row["backend"]) for row in rows} >= {("dense_fwd_bwd", "math"), ("dense_fwd_bwd", "sdpa"),
+                                                                ("multicrop_fwd_bwd", "math")}
+    assert {row.get("layout") for row in rows if row["what"] == "multicrop_fwd_bwd"} == {"per_resolution", "packed"}
+    assert all(row["median_ms"] > 0 and row["rel_error_vs_math"] < 1e-5 for row in rows)
+
+
+def test_bench_model_smoke(tmp_path):
+    out = tmp_path / "model.json"
+    load_bench("bench_model").main(["--smoke", "--out", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved["model_flops_per_step"] > 0 and saved["measured_matmul_tflops"] > 0
+    assert [row["variant"] for row in saved["results"]] == ["reference", "per_resolution", "packed"]
+    assert all(row["median_ms"] > 0 and row["images_per_s"] > 0 and row["mfu"] > 0 for row in saved["results"])
