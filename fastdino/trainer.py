@@ -138,8 +138,11 @@ def build_networks(config: Config, fast: FastPaths) -> tuple[MultiCropWrapper, M
     return student, teacher
 
 
-def build_loader(config: Config, fast: FastPaths, ctx: DistributedContext, device: torch.device):
-    """The multi-crop loader: DALI when on, else torchvision transforms in DataLoader workers."""
+def build_loader(
+    config: Config, fast: FastPaths, ctx: DistributedContext, device: torch.device, dtype: torch.dtype = torch.float32
+):
+    """The multi-crop loader: DALI when on (crops come out on the device in `dtype`), else torchvision transforms
+    in DataLoader workers."""
     data = config.data
     if fast.dali:
         from fastdino.data.dali import DaliMultiCropLoader
@@ -157,6 +160,7 @@ def build_loader(config: Config, fast: FastPaths, ctx: DistributedContext, devic
             rank=ctx.rank,
             world_size=ctx.world_size,
             device=device,
+            dtype=dtype,
         )
     from fastdino.data.augment import DataAugmentationDINO
     from fastdino.data.torch_loader import MultiCropLoader
@@ -191,7 +195,7 @@ class Trainer:
         self.autocast_dtype = resolve_precision(config, self.device)
         self.fast = resolve_fast_paths(config, self.device)
 
-        self.loader = build_loader(config, self.fast, self.ctx, self.device)
+        self.loader = build_loader(config, self.fast, self.ctx, self.device, self.autocast_dtype)
         if len(self.loader) == 0:
             raise ValueError(
                 f"data.batch_size_per_gpu={config.data.batch_size_per_gpu} is larger than this rank's share of "

@@ -1,0 +1,164 @@
+"""Images/s of full DINO multi-crop batches: the DALI pipeline against the torchvision CPU-worker loader.
+
+Both read the same freshly written JPEGs (ImageNet-like: about 500x375, quality 90) on the same machine and hand
+over batches on the training device (CUDA when present: the torchvision batches are copied there, as training does).
+
+    python bench/bench_data.py --num-images 4000 --local-crops 10 --batch-size 64 --workers 16 --threads 16
+    python bench/bench_data.py --smoke        # seconds on CPU; used by tests/test_bench_smoke_data.py
+
+Writes bench/results/data-<device>-<date>.json (device, versions, date, git commit, settings, results).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torchvision
+from PIL import Image
+
+from fastdino.data.augment import DataAugmentationDINO
+from fastdino.data.datasets import ImageFolderDataset
+from fastdino.data.torch_loader import MultiCropLoader
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def write_jpegs(root: Path, count: int, size: tuple[int, int], seed: int = 0) -> None:
+    """`count` JPEGs (quality 90) of smooth colour fields plus fine noise, in 10 class folders under `root`."""
+    rng = np.random.default_rng(seed)
+    width, height = size
+    for index in range(count):
+        folder = root / f"class{index % 10}"
+        folder.mkdir(parents=True, exist_ok=True)
+        coarse = Image.fromarray(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)).resize(size, Image.BICUBIC)
+        texture = rng.normal(0, 12, (height, width, 3))
+        pixels = np.clip(np.asarray(coarse, dtype=np.float32) + texture, 0, 255).astype(np.uint8)
+        Image.fromarray(pixels).save(folder / f"{index:06d}.jpg", quality=90)
+
+
+def time_loader(epoch_batches, device: torch.device, warmup_steps: int, steps: int) -> dict:
+    """Images/s over `steps` batches after `warmup_steps` (>= 1), each batch moved to `device` (synchronized).
+
+    `epoch_batches()` starts the next epoch's iterator; epochs are chained when one is too short.
+    """
+    iterator = epoch_batches()
+    images, start = 0, 0.0
+    for step in range(max(1, warmup_steps) + steps):
+        batch = next(iterator, None)
+        if batch is None:
+            iterator = epoch_batches()
+            batch = next(iterator)
+        crops, labels = batch
+        crops = [crop.to(device, non_blocking=True) for crop in crops]
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if step == max(1, warmup_steps) - 1:
+            start = time.perf_counter()
+        elif step >= warmup_steps:
+            images += labels.numel()
+    elapsed = time.perf_counter() - start
+    return dict(images_per_s=images / elapsed, images=images, seconds=elapsed)
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
+                              cwd=Path(__file__).resolve().parent).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def device_name(device: torch.device) -> str:
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu-{os.cpu_count()}cores"
+    return re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-").lower()
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--num-images", type=int, default=2000)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--local-crops", type=int, default=10)
+    parser.add_argument("--global-size", type=int, default=224)
+    parser.add_argument("--local-size", type=int, default=96)
+    parser.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1), help="torchvision workers")
+    parser.add_argument("--threads", type=int, default=min(16, os.cpu_count() or 1), help="DALI CPU threads")
+    parser.add_argument("--steps", type=int, default=20, help="timed batches per loader")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed batches first")
+    parser.add_argument("--image-size", type=int, nargs=2, default=(500, 375), metavar=("W", "H"))
+    parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
+                        help="DALI crop dtype (default bfloat16 on CUDA, float32 on CPU)")
+    parser.add_argument("--data", type=Path, default=None, help="use this image folder instead of writing JPEGs")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="folder for the JSON result")
+    parser.add_argument("--skip-torchvision", action="store_true")
+    parser.add_argument("--smoke", action="store_true", help="tiny run: 16 images, 2+2 small crops")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.num_images, args.batch_size, args.local_crops = 16, 4, 2
+        args.global_size, args.local_size, args.workers, args.threads = 32, 16, 0, 1
+        args.steps, args.warmup, args.image_size = 3, 1, (160, 120)
+
+    from fastdino.data.dali import DALI_IMPORT_ERROR, DaliMultiCropLoader
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    crops = dict(local_crops_number=args.local_crops, global_crop_size=args.global_size,
+                 local_crop_size=args.local_size)
+    results: dict = {}
+    with tempfile.TemporaryDirectory(prefix="fastdino-bench-data-") as scratch:
+        root = args.data or Path(scratch)
+        if args.data is None:
+            started = time.perf_counter()
+            write_jpegs(root, args.num_images, tuple(args.image_size))
+            print(f"wrote {args.num_images} JPEGs in {time.perf_counter() - started:.1f} s", file=sys.stderr)
+        if DALI_IMPORT_ERROR is None:
+            dali = DaliMultiCropLoader(root, args.batch_size, seed=0, device=device.type, dtype=dtype,
+                                       num_threads=args.threads, **crops)
+            epoch = iter(range(10**9))
+            results["dali"] = time_loader(lambda: dali.epoch_iter(next(epoch)), device, args.warmup, args.steps)
+            results["dali"].update(threads=args.threads, dtype=str(dtype).removeprefix("torch."))
+        else:
+            results["dali"] = dict(skipped=DALI_IMPORT_ERROR)
+        if not args.skip_torchvision:
+            dataset = ImageFolderDataset(root, DataAugmentationDINO(**crops))
+            torch_loader = MultiCropLoader(dataset, args.batch_size, num_workers=args.workers, seed=0)
+            epoch = iter(range(10**9))
+            results["torchvision"] = time_loader(lambda: torch_loader.epoch_iter(next(epoch)), device,
+                                                 args.warmup, args.steps)
+            results["torchvision"].update(workers=args.workers, dtype="float32")
+    if "images_per_s" in results.get("dali", {}) and "images_per_s" in results.get("torchvision", {}):
+        results["dali_speedup"] = results["dali"]["images_per_s"] / results["torchvision"]["images_per_s"]
+
+    today = datetime.date.today().isoformat()
+    try:
+        from nvidia.dali import __version__ as dali_version
+    except ImportError:
+        dali_version = "not installed"
+    report = dict(
+        benchmark="data", device=device_name(device), date=today, git_commit=git_commit(), smoke=args.smoke,
+        versions=dict(python=platform.python_version(), torch=torch.__version__,
+                      torchvision=torchvision.__version__, dali=dali_version),
+        settings=dict(num_images=args.num_images, image_size=list(args.image_size), jpeg_quality=90,
+                      batch_size=args.batch_size, crops=f"2x{args.global_size}^2 + {args.local_crops}x"
+                      f"{args.local_size}^2", steps=args.steps, warmup=args.warmup, cpu_count=os.cpu_count()),
+        results=results)
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"data-{report['device']}-{today}.json"
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps(report, indent=2))
+    print(f"wrote {path}", file=sys.stderr)
+    return report
+
+
+if __name__ == "__main__":
+    main()
