@@ -1,0 +1,191 @@
+"""Checkpoint interchange: load DINO backbones from any of the usual files, export backbone-only weights.
+
+Files understood by `backbone_state_dict` / `load_pretrained`:
+  (a) official DINO backbone weights (`dino_deitsmall8_pretrain.pth`): a plain state dict with the reference's keys
+      (`cls_token`, `pos_embed`, `patch_embed.proj.*`, `blocks.<i>.*`, `norm.*`);
+  (b) the released full DINO checkpoints: `{'teacher': ..., 'student': ..., 'optimizer': ..., 'args': Namespace}`
+      where the student's keys carry `module.backbone.` and the teacher's `backbone.` (early releases had neither,
+      and called the head `projection_head`);
+  (c) fastdino's own training checkpoints: `{'teacher': {'backbone.*', 'head.*'}, ...}`, possibly with the
+      `_orig_mod.` prefix that `torch.compile` adds.
+Head weights are dropped. Exported files hold exactly the reference's backbone keys, so they load with
+`strict=True` into the reference ViT, into `fastdino.models` and into timm's `vit_*_patch*_224(num_classes=0)`.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import pickle
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from torch import nn
+
+# Wrapper prefixes stripped from the front of every key, in any order and number.
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.", "backbone.")
+# First key component of every backbone tensor of the reference ViT.
+_BACKBONE_ROOTS = frozenset({"cls_token", "pos_embed", "patch_embed", "blocks", "norm"})
+# First key component of projection-head tensors, current (`head`) and pre-release names; these are dropped.
+_HEAD_ROOTS = frozenset({"head", "projection_head", "prototypes", "last_layer", "mlp"})
+
+
+def load_checkpoint_file(path: str | os.PathLike) -> Mapping:
+    """Read a `.pth` file safely (`weights_only=True`) onto the CPU.
+
+    The released full DINO checkpoints pickle their argparse `Namespace`; that one class is allowed, nothing else.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint file not found: {path}")
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise ValueError(
+            f"{path} holds Python objects that are not plain tensors/containers and is not loaded for safety "
+            f"(torch.load weights_only=True): {error}"
+        ) from error
+    if not isinstance(checkpoint, Mapping):
+        raise ValueError(f"{path} holds a {type(checkpoint).__name__}, expected a dict (state dict or checkpoint)")
+    return checkpoint
+
+
+def _strip_wrapper_prefixes(key: str) -> str:
+    stripped = True
+    while stripped:
+        stripped = False
+        for prefix in _WRAPPER_PREFIXES:
+            if key.startswith(prefix):
+                key, stripped = key[len(prefix):], True
+    return key
+
+
+def _describe_keys(keys: list[str], limit: int = 12) -> str:
+    shown = ", ".join(repr(k) for k in keys[:limit])
+    return f"[{shown}{', ...' if len(keys) > limit else ''}] ({len(keys)} keys)"
+
+
+def _is_tensor_dict(mapping: Mapping) -> bool:
+    return len(mapping) > 0 and all(isinstance(v, torch.Tensor) for v in mapping.values())
+
+
+def backbone_state_dict(checkpoint: Mapping, checkpoint_key: str = "teacher") -> dict[str, torch.Tensor]:
+    """The backbone's tensors of any supported checkpoint, under the reference's key names.
+
+    `checkpoint` is a plain state dict (format a) or a training checkpoint (formats b, c) whose `checkpoint_key`
+    entry ('teacher' or 'student') holds the network. Raises ValueError listing the keys seen when the format is not
+    recognized.
+    """
+    if not isinstance(checkpoint, Mapping):
+        raise ValueError(f"expected a dict-like checkpoint or state dict, got {type(checkpoint).__name__}")
+    if _is_tensor_dict(checkpoint):
+        state_dict = checkpoint
+    elif isinstance(checkpoint.get(checkpoint_key), Mapping):
+        state_dict = checkpoint[checkpoint_key]
+        if not _is_tensor_dict(state_dict):
+            raise ValueError(
+                f"checkpoint entry {checkpoint_key!r} is not a state dict of tensors; it holds "
+                f"{_describe_keys(list(state_dict))}"
+            )
+    else:
+        raise ValueError(
+            f"unrecognized checkpoint format: neither a state dict of tensors nor a dict with a {checkpoint_key!r} "
+            f"state dict; top-level keys: {_describe_keys(list(checkpoint))}"
+        )
+
+    backbone, unknown = {}, []
+    for key, tensor in state_dict.items():
+        name = _strip_wrapper_prefixes(key)
+        root = name.split(".", 1)[0]
+        if root in _BACKBONE_ROOTS:
+            if name in backbone:
+                raise ValueError(f"two checkpoint keys map to the backbone key {name!r} after removing prefixes")
+            backbone[name] = tensor
+        elif root not in _HEAD_ROOTS:
+            unknown.append(key)
+    if unknown:
+        raise ValueError(f"checkpoint has keys that belong to neither a DINO ViT backbone nor its head: "
+                         f"{_describe_keys(unknown)}")
+    if not backbone:
+        raise ValueError(f"no ViT backbone weights found; keys seen: {_describe_keys(list(state_dict))}")
+    return backbone
+
+
+def _check_shapes(model: nn.Module, state_dict: Mapping[str, torch.Tensor], arch: str, patch_size: int) -> None:
+    """Explain the usual mismatches (wrong arch / patch size / image size) before load_state_dict's generic error."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"checkpoint does not match {arch} (patch {patch_size}): missing {_describe_keys(missing)}, "
+                         f"unexpected {_describe_keys(unexpected)}")
+    proj = state_dict["patch_embed.proj.weight"]
+    if proj.shape != expected["patch_embed.proj.weight"].shape:
+        raise ValueError(f"checkpoint has embed dim {proj.shape[0]} and patch size {proj.shape[-1]}, but {arch} with "
+                         f"patch_size={patch_size} has embed dim {expected['patch_embed.proj.weight'].shape[0]} and "
+                         f"patch size {patch_size}: pass the matching arch/patch_size")
+    if state_dict["pos_embed"].shape != expected["pos_embed"].shape:
+        raise ValueError(f"checkpoint pos_embed has {state_dict['pos_embed'].shape[1]} tokens, the model "
+                         f"{expected['pos_embed'].shape[1]}: build the model with the training image size (img_size)")
+    for key, tensor in state_dict.items():
+        if tensor.shape != expected[key].shape:
+            raise ValueError(f"shape of {key!r} is {tuple(tensor.shape)} in the checkpoint but "
+                             f"{tuple(expected[key].shape)} in {arch}: pass the matching arch")
+
+
+def load_pretrained(path: str | os.PathLike | Mapping, arch: str, patch_size: int = 16,
+                    checkpoint_key: str = "teacher", **model_kwargs) -> nn.Module:
+    """Build `fastdino.models.build_vit(arch, patch_size=..., **model_kwargs)` and load a checkpoint's backbone.
+
+    `path` is a file or an already-loaded checkpoint dict in any supported format (see module docstring);
+    `checkpoint_key` picks 'teacher' (DINO's evaluation default) or 'student' in training checkpoints.
+    Returns the model in eval mode on the CPU; every backbone tensor is loaded (strict).
+    """
+    from fastdino.models import build_vit
+
+    checkpoint = path if isinstance(path, Mapping) else load_checkpoint_file(path)
+    state_dict = backbone_state_dict(checkpoint, checkpoint_key)
+    model = build_vit(arch, patch_size=patch_size, **model_kwargs)
+    _check_shapes(model, state_dict, arch, patch_size)
+    model.load_state_dict(state_dict, strict=True)
+    return model.eval()
+
+
+def export_backbone(checkpoint_or_state_dict: str | os.PathLike | Mapping | nn.Module, out_path: str | os.PathLike,
+                    checkpoint_key: str = "teacher") -> Path:
+    """Write a backbone-only state dict with the reference's keys (the format of the official DINO weights).
+
+    Accepts a checkpoint file, a loaded checkpoint / state dict, or a module (backbone or multi-crop wrapper).
+    The file is written atomically (temporary file, then rename). Returns the output path.
+    """
+    source = checkpoint_or_state_dict
+    if isinstance(source, nn.Module):
+        source = source.state_dict()
+    elif not isinstance(source, Mapping):
+        source = load_checkpoint_file(source)
+    state_dict = {k: v.detach().to("cpu").contiguous().clone() for k, v in backbone_state_dict(source,
+                                                                                               checkpoint_key).items()}
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp_path = out_path.with_name(out_path.name + ".tmp")
+    torch.save(state_dict, tmp_path)
+    os.replace(tmp_path, out_path)
+    return out_path
+
+
+def add_backbone_arguments(parser: argparse.ArgumentParser) -> None:
+    """The command-line options that say which backbone to evaluate (shared by the fastdino.eval commands)."""
+    parser.add_argument("--checkpoint", required=True,
+                        help="official DINO backbone .pth, released full DINO checkpoint, or fastdino checkpoint")
+    parser.add_argument("--checkpoint-key", default="teacher", help="network to take from training checkpoints")
+    parser.add_argument("--arch", default="vit_small", help="vit_tiny, vit_small or vit_base")
+    parser.add_argument("--patch-size", type=int, default=16, help="patch size the checkpoint was trained with")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+
+
+def backbone_from_arguments(args: argparse.Namespace) -> nn.Module:
+    """`load_pretrained` with the options of `add_backbone_arguments`; gradients off (evaluation only)."""
+    model = load_pretrained(args.checkpoint, args.arch, patch_size=args.patch_size,
+                            checkpoint_key=args.checkpoint_key)
+    return model.requires_grad_(False)
