@@ -4,47 +4,30 @@ Both read the same freshly written JPEGs (ImageNet-like: about 500x375, quality 
 over batches on the training device (CUDA when present: the torchvision batches are copied there, as training does).
 
     python bench/bench_data.py --num-images 4000 --local-crops 10 --batch-size 64 --workers 16 --threads 16
-    python bench/bench_data.py --smoke        # seconds on CPU; used by tests/test_bench_smoke_data.py
+    python bench/bench_data.py --smoke [--out FILE_OR_DIR]   # seconds; writes only --out
 
 Writes bench/results/data-<device>-<date>.json (device, versions, date, git commit, settings, results).
+Unlike the other benchmarks it runs on the CPU too (no CUDA: batches stay on the CPU, DALI runs its CPU pipeline).
 """
 from __future__ import annotations
 
-import argparse
-import datetime
 import json
 import os
-import platform
-import re
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
-import torchvision
-from PIL import Image
 
-from fastdino.data.augment import DataAugmentationDINO
-from fastdino.data.datasets import ImageFolderDataset
-from fastdino.data.torch_loader import MultiCropLoader
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
 
-RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def write_jpegs(root: Path, count: int, size: tuple[int, int], seed: int = 0) -> None:
-    """`count` JPEGs (quality 90) of smooth colour fields plus fine noise, in 10 class folders under `root`."""
-    rng = np.random.default_rng(seed)
-    width, height = size
-    for index in range(count):
-        folder = root / f"class{index % 10}"
-        folder.mkdir(parents=True, exist_ok=True)
-        coarse = Image.fromarray(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)).resize(size, Image.BICUBIC)
-        texture = rng.normal(0, 12, (height, width, 3))
-        pixels = np.clip(np.asarray(coarse, dtype=np.float32) + texture, 0, 255).astype(np.uint8)
-        Image.fromarray(pixels).save(folder / f"{index:06d}.jpg", quality=90)
+from bench.common import bench_parser, dtype_name, new_report, synchronize, write_jpegs, write_report  # noqa: E402
+from fastdino.data.augment import DataAugmentationDINO  # noqa: E402
+from fastdino.data.datasets import ImageFolderDataset  # noqa: E402
+from fastdino.data.torch_loader import MultiCropLoader  # noqa: E402
 
 
 def time_loader(epoch_batches, device: torch.device, warmup_steps: int, steps: int) -> dict:
@@ -61,8 +44,7 @@ def time_loader(epoch_batches, device: torch.device, warmup_steps: int, steps: i
             batch = next(iterator)
         crops, labels = batch
         crops = [crop.to(device, non_blocking=True) for crop in crops]
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        synchronize(device)
         if step == max(1, warmup_steps) - 1:
             start = time.perf_counter()
         elif step >= warmup_steps:
@@ -71,21 +53,8 @@ def time_loader(epoch_batches, device: torch.device, warmup_steps: int, steps: i
     return dict(images_per_s=images / elapsed, images=images, seconds=elapsed)
 
 
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
-                              cwd=Path(__file__).resolve().parent).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def device_name(device: torch.device) -> str:
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu-{os.cpu_count()}cores"
-    return re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-").lower()
-
-
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = bench_parser(__doc__, "tiny run: 16 images, 2+2 small crops (seconds)")
     parser.add_argument("--num-images", type=int, default=2000)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--local-crops", type=int, default=10)
@@ -99,9 +68,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
                         help="DALI crop dtype (default bfloat16 on CUDA, float32 on CPU)")
     parser.add_argument("--data", type=Path, default=None, help="use this image folder instead of writing JPEGs")
-    parser.add_argument("--out", type=Path, default=RESULTS, help="folder for the JSON result")
     parser.add_argument("--skip-torchvision", action="store_true")
-    parser.add_argument("--smoke", action="store_true", help="tiny run: 16 images, 2+2 small crops")
     args = parser.parse_args(argv)
     if args.smoke:
         args.num_images, args.batch_size, args.local_crops = 16, 4, 2
@@ -126,7 +93,7 @@ def main(argv: list[str] | None = None) -> dict:
                                        num_threads=args.threads, **crops)
             epoch = iter(range(10**9))
             results["dali"] = time_loader(lambda: dali.epoch_iter(next(epoch)), device, args.warmup, args.steps)
-            results["dali"].update(threads=args.threads, dtype=str(dtype).removeprefix("torch."))
+            results["dali"].update(threads=args.threads, dtype=dtype_name(dtype))
         else:
             results["dali"] = dict(skipped=DALI_IMPORT_ERROR)
         if not args.skip_torchvision:
@@ -139,24 +106,14 @@ def main(argv: list[str] | None = None) -> dict:
     if "images_per_s" in results.get("dali", {}) and "images_per_s" in results.get("torchvision", {}):
         results["dali_speedup"] = results["dali"]["images_per_s"] / results["torchvision"]["images_per_s"]
 
-    today = datetime.date.today().isoformat()
-    try:
-        from nvidia.dali import __version__ as dali_version
-    except ImportError:
-        dali_version = "not installed"
     report = dict(
-        benchmark="data", device=device_name(device), date=today, git_commit=git_commit(), smoke=args.smoke,
-        versions=dict(python=platform.python_version(), torch=torch.__version__,
-                      torchvision=torchvision.__version__, dali=dali_version),
+        new_report("data", device, args.smoke),
         settings=dict(num_images=args.num_images, image_size=list(args.image_size), jpeg_quality=90,
                       batch_size=args.batch_size, crops=f"2x{args.global_size}^2 + {args.local_crops}x"
                       f"{args.local_size}^2", steps=args.steps, warmup=args.warmup, cpu_count=os.cpu_count()),
         results=results)
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"data-{report['device']}-{today}.json"
-    path.write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2))
-    print(f"wrote {path}", file=sys.stderr)
+    write_report(report, "data", args.out, args.smoke)
     return report
 
 

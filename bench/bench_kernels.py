@@ -12,12 +12,11 @@ Bandwidth floor (bytes that any implementation must move; achieved GB/s = these 
     loss: student logits read once + teacher logits read once + student gradient written once
           = 2 * S * K * bytes(student) + T * K * bytes(teacher), S = 12 * 64 student rows, T = 2 * 64 teacher rows;
     EMA:  teacher read + student read + teacher written = 3 * N * 4 bytes for N fp32 parameters.
-The fraction of the floor = (floor bytes / peak HBM bandwidth) / median time; the report also records the
-measured device copy bandwidth (bench/common.py) as the practical ceiling.
+The fraction of the floor = (floor bytes / peak HBM bandwidth) / median time (the theoretical ceiling);
+fraction_of_copy_bandwidth = achieved GB/s / device-to-device copy GB/s measured in the same run (the practical one).
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from collections.abc import Callable
@@ -30,7 +29,8 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from bench.common import (  # noqa: E402
-    bench_device, copy_bandwidth_gbs, environment, median_ms, relative_error, write_report,
+    bench_device, bench_parser, copy_bandwidth_gbs, dtype_name, median_ms, new_report, peak_bandwidth_bytes_per_s,
+    print_rows, relative_error, write_report,
 )
 
 VIT_DIMS = {"vit_small_p8": (384, 12), "vit_base_p8": (768, 12)}  # embed_dim, depth; ViT-B/8 and ViT-S/8 recipes
@@ -50,13 +50,6 @@ def vit_with_head_shapes(
     shapes += [(hidden, d), (hidden,), (hidden, hidden), (hidden,),
                (bottleneck, hidden), (bottleneck,), (out_dim, 1), (out_dim, bottleneck)]
     return shapes
-
-
-def peak_bandwidth_bytes_per_s(device: torch.device) -> float | None:
-    """Theoretical HBM bandwidth from the memory clock and bus width (double data rate)."""
-    props = torch.cuda.get_device_properties(device)
-    clock_khz, bus_bits = getattr(props, "memory_clock_rate", 0), getattr(props, "memory_bus_width", 0)
-    return 2 * clock_khz * 1e3 * bus_bits / 8 if clock_khz and bus_bits else None
 
 
 def make_timer(smoke: bool, device: torch.device) -> Callable[[Callable[[], object], list[torch.Tensor]], float]:
@@ -136,7 +129,7 @@ def bench_ema(time_ms, device, smoke: bool, peak: float | None) -> list[dict]:
 
 
 def _row(what, variant, dtype, ms, reference_ms, floor_bytes, peak, extra) -> dict:
-    row = dict(what=what, variant=variant, dtype=str(dtype).removeprefix("torch."), median_ms=ms,
+    row = dict(what=what, variant=variant, dtype=dtype_name(dtype), median_ms=ms,
                speedup_vs_reference=reference_ms / ms, floor_bytes=floor_bytes,
                achieved_gb_per_s=floor_bytes / (ms * 1e-3) / 1e9, **extra)
     if peak:
@@ -145,26 +138,21 @@ def _row(what, variant, dtype, ms, reference_ms, floor_bytes, peak, extra) -> di
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--smoke", action="store_true", help="tiny sizes on CPU under the Triton interpreter")
-    parser.add_argument("--out", type=Path, help="where to write the JSON (default on GPU: bench/results/...)")
-    args = parser.parse_args(argv)
+    args = bench_parser(__doc__, "tiny sizes on CPU under the Triton interpreter").parse_args(argv)
     if args.smoke:
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels (and triton) are first imported
     device = bench_device(args.smoke)
     peak = None if args.smoke else peak_bandwidth_bytes_per_s(device)
     time_ms = make_timer(args.smoke, device)
-    report = environment(device)
-    report.update(
-        peak_bandwidth_gb_per_s=peak / 1e9 if peak else None,
-        copy_bandwidth_gb_per_s=None if args.smoke else copy_bandwidth_gbs(device),
-        results=bench_loss(time_ms, device, args.smoke, peak) + bench_ema(time_ms, device, args.smoke, peak),
-    )
-    for row in report["results"]:
-        fraction = row.get("fraction_of_bandwidth_floor")
-        print(f"{row['what']:18s} {row['variant']:20s} {row['dtype']:9s} {row.get('model', ''):13s} "
-              f"{row['median_ms']:9.3f} ms  x{row['speedup_vs_reference']:6.2f}  {row['achieved_gb_per_s']:8.1f} GB/s"
-              + (f"  {fraction:5.1%} of floor" if fraction else ""))
+    copy_gbs = None if args.smoke else copy_bandwidth_gbs(device)
+    results = bench_loss(time_ms, device, args.smoke, peak) + bench_ema(time_ms, device, args.smoke, peak)
+    for row in results if copy_gbs else []:
+        row["fraction_of_copy_bandwidth"] = row["achieved_gb_per_s"] / copy_gbs
+    report = dict(new_report("kernels", device, args.smoke), peak_bandwidth_gb_per_s=peak / 1e9 if peak else None,
+                  copy_bandwidth_gb_per_s=copy_gbs, results=results)
+    print_rows(results, dict(what="", variant="", dtype="", model="", median_ms=".3f", speedup_vs_reference=".2f",
+                             achieved_gb_per_s=".1f", fraction_of_bandwidth_floor=".1%",
+                             fraction_of_copy_bandwidth=".1%"))
     write_report(report, "kernels", args.out, smoke=args.smoke)
     return report
 

@@ -11,22 +11,24 @@ GPU run:   python bench/bench_model.py [--arch vit_small --patch-size 8 --batch 
     dropped) per second over a measured dense bf16 matmul rate. Writes bench/results/model-<device>-<date>.json.
 CPU smoke: python bench/bench_model.py --smoke [--out FILE]   (tiny ViT and crops, fp32, seconds)
 
-FLOPs per crop of N tokens (patch p, width D, depth L, head hidden H, bottleneck b, prototypes K), forward:
-    patch embedding 2·(N-1)·3p²·D + L·(24·N·D² + 4·N²·D) + head 2·(D·H + H·H + H·b + b·K);
-backward = 2 × forward.
+FLOPs per crop: bench.common.crop_flops (patch embedding + blocks + head, forward); backward = 2 × forward.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_attention import bench_device, environment, median_ms, write_report  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
 
+from bench.common import (  # noqa: E402
+    bench_device, bench_parser, crop_flops, matmul_tflops, median_ms, new_report, peak_memory_gib, print_rows,
+    reset_peak_memory, write_report,
+)
 from fastdino.models import DINOHead, MultiCropWrapper, build_vit  # noqa: E402
 
 VARIANTS = {  # name: (packed, attention, efficient drop path, compile)
@@ -35,22 +37,6 @@ VARIANTS = {  # name: (packed, attention, efficient drop path, compile)
     "packed": (True, "auto", True, False),
     "packed_compiled": (True, "auto", True, True),
 }
-
-
-def crop_flops(tokens: int, patch: int, dim: int, depth: int, hidden: int, bottleneck: int, prototypes: int) -> int:
-    """Forward FLOPs of backbone + head for one crop of `tokens` tokens (CLS included)."""
-    patch_embed = 2 * (tokens - 1) * 3 * patch**2 * dim
-    blocks = depth * (24 * tokens * dim**2 + 4 * tokens**2 * dim)
-    head = 2 * (dim * hidden + hidden * hidden + hidden * bottleneck + bottleneck * prototypes)
-    return patch_embed + blocks + head
-
-
-def matmul_tflops(device: torch.device, dtype: torch.dtype, size: int) -> float:
-    """Measured dense matmul rate (TFLOP/s), the denominator of MFU."""
-    a = torch.randn(size, size, device=device, dtype=dtype)
-    b = torch.randn(size, size, device=device, dtype=dtype)
-    ms = median_ms(lambda: a @ b, device, warmup=3, reps=10)
-    return 2 * size**3 / ms / 1e9
 
 
 def make_student(args, packed: bool, attention: str, efficient: bool, compile_blocks: bool) -> MultiCropWrapper:
@@ -78,8 +64,7 @@ def bench_variant(name: str, args, device: torch.device, crops: list[torch.Tenso
                compile_blocks=compile_blocks)
     try:
         step()  # warm up (and compile)
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
+        reset_peak_memory(device)
         ms = median_ms(step, device, args.warmup, args.reps)
     except torch.cuda.OutOfMemoryError:
         return dict(row, error="out of memory")
@@ -87,15 +72,12 @@ def bench_variant(name: str, args, device: torch.device, crops: list[torch.Tenso
         del student
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-    return dict(row, median_ms=ms, images_per_s=args.batch / ms * 1e3, peak_gib=peak,
+    return dict(row, median_ms=ms, images_per_s=args.batch / ms * 1e3, peak_gib=peak_memory_gib(device),
                 model_tflops_per_s=flops / ms / 1e9)
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--smoke", action="store_true", help="tiny ViT and crops on the CPU (seconds)")
-    parser.add_argument("--out", type=Path, help="JSON path (default for GPU runs: bench/results/...)")
+    parser = bench_parser(__doc__, "tiny ViT and crops on the CPU (seconds)")
     parser.add_argument("--arch", default="vit_small")
     parser.add_argument("--patch-size", type=int, default=8)
     parser.add_argument("--batch", type=int, default=64)
@@ -123,7 +105,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     probe = make_student(args, False, "math", False, False)
     dims = dict(patch=args.patch_size, dim=probe.backbone.embed_dim, depth=len(probe.backbone.blocks),
-                hidden=args.head_hidden, bottleneck=args.bottleneck, prototypes=args.out_dim)
+                hidden=args.head_hidden, bottleneck=args.bottleneck, out_dim=args.out_dim)
     del probe
     flops = 3 * args.batch * sum(crop_flops((s // args.patch_size) ** 2 + 1, **dims) for s in sizes)
 
@@ -135,18 +117,12 @@ def main(argv: list[str] | None = None) -> dict:
         if "median_ms" in row:
             row["mfu"] = row["model_tflops_per_s"] / peak_tflops
             row["speedup_vs_reference"] = reference_ms / row["median_ms"] if reference_ms else None
-    report = dict(environment(device), arch=args.arch, patch_size=args.patch_size, batch=args.batch,
+    report = dict(new_report("model", device, args.smoke), arch=args.arch, patch_size=args.patch_size, batch=args.batch,
                   crop_sizes=sizes, precision="fp32" if args.smoke else "bf16 autocast",
                   model_flops_per_step=flops, measured_matmul_tflops=peak_tflops, results=results)
     print(f"{args.arch}/{args.patch_size} batch {args.batch}, crops {sizes}, matmul {peak_tflops:.1f} TFLOP/s")
-    for row in results:
-        if "error" in row:
-            print(f"{row['variant']:16s} {row['error']}")
-            continue
-        peak = f"{row['peak_gib']:6.1f} GiB" if row["peak_gib"] is not None else ""
-        print(f"{row['variant']:16s} {row['median_ms']:9.1f} ms  {row['images_per_s']:8.1f} img/s  "
-              f"MFU {row['mfu']:6.1%}  {peak}")
-    write_report(report, args.out, "model", args.smoke)
+    print_rows(results, dict(variant="", error="", median_ms=".1f", images_per_s=".1f", mfu=".1%", peak_gib=".1f"))
+    write_report(report, "model", args.out, args.smoke)
     return report
 
 

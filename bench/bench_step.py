@@ -22,7 +22,6 @@ teacher = forward over the 2 global crops; forward of one crop = patch embedding
 """
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import sys
@@ -33,15 +32,16 @@ from pathlib import Path
 if "--smoke" in sys.argv:  # the kernels run in the Triton interpreter on CPU; set before triton is imported
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from PIL import Image  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from bench.common import bench_device, environment, matmul_tflops, synchronize, time_calls, write_report  # noqa: E402
+from bench.common import (  # noqa: E402
+    bench_device, bench_parser, crop_flops, matmul_tflops, new_report, peak_memory_gib, reset_peak_memory, synchronize,
+    time_calls, write_jpegs, write_report,
+)
 from fastdino.config import load_config  # noqa: E402
 from fastdino.models import xformers_usable  # noqa: E402
 from fastdino.trainer import Trainer  # noqa: E402
@@ -82,14 +82,6 @@ def fastdino_settings(device: torch.device, compile_blocks: bool) -> dict:
     return settings
 
 
-def crop_flops(tokens: int, patch: int, dim: int, depth: int, hidden: int, bottleneck: int, out_dim: int) -> int:
-    """Forward FLOPs of backbone + head for one crop of `tokens` tokens (CLS included)."""
-    patch_embed = 2 * (tokens - 1) * 3 * patch**2 * dim
-    blocks = depth * (24 * tokens * dim**2 + 4 * tokens**2 * dim)
-    head = 2 * (dim * hidden + hidden * hidden + hidden * bottleneck + bottleneck * out_dim)
-    return patch_embed + blocks + head
-
-
 def step_flops_per_image(config) -> int:
     model, data = config.model, config.data
     dim = {"vit_tiny": 192, "vit_small": 384, "vit_base": 768}[model.arch]
@@ -100,18 +92,6 @@ def step_flops_per_image(config) -> int:
     local_crop = crop_flops(tokens(data.local_crop_size), model.patch_size, dim, depth, *head)
     student = 3 * (2 * global_crop + data.local_crops_number * local_crop)
     return student + 2 * global_crop
-
-
-def write_jpegs(root: Path, count: int, size: tuple[int, int]) -> None:
-    """ImageNet-like JPEGs (smooth colour fields with noise, quality 90) in one class folder."""
-    folder = root / "class0"
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-    width, height = size
-    for index in range(count):
-        gradient = np.linspace(0, 255, width)[None, :, None] * rng.uniform(0.2, 1, 3)
-        pixels = np.broadcast_to(gradient, (height, width, 3)) + rng.normal(0, 25, (height, width, 3))
-        Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(folder / f"{index:05d}.jpg", quality=90)
 
 
 def make_trainer(base: list[str], settings: dict, output_dir: Path) -> Trainer:
@@ -161,11 +141,9 @@ def run_contestants(contestants: list[Contestant], device: torch.device, warmup:
     """Warm each up, then alternate single timed steps so that drift affects all alike. Peak memory per contestant."""
     memory = {}
     for contestant in contestants:
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
+        reset_peak_memory(device)
         contestant.times += time_calls(contestant.step, device, warmup, 1)
-        if device.type == "cuda":
-            memory[contestant.name] = torch.cuda.max_memory_allocated(device) / 2**30
+        memory[contestant.name] = peak_memory_gib(device)
     for _ in range(steps - 1):
         for contestant in contestants:
             contestant.times += time_calls(contestant.step, device, 0, 1)
@@ -218,7 +196,7 @@ def bench_with_loader(base: list[str], args, device: torch.device, workdir: Path
     """The fastdino step fed by the real loader (DALI when installed) from JPEG files, against synthetic crops."""
     images = workdir / "loader_images"
     if not images.exists():
-        write_jpegs(images, args.batch * (args.steps + args.warmup + 2), (500, 375))
+        write_jpegs(images, args.batch * (args.steps + args.warmup + 2), (500, 375), classes=1)
     settings = {**REFERENCE_STYLE, **fastdino_settings(device, args.compile), "data.loader": "auto",
                 "data.num_workers": args.workers, "data.path": images, "log_every": 10**6}
     trainer = make_trainer(base, settings, workdir / f"{name}-loader")
@@ -241,7 +219,7 @@ def bench_with_loader(base: list[str], args, device: torch.device, workdir: Path
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = bench_parser(__doc__, "tiny ViT on the CPU, Triton interpreter (seconds)")
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--local-crops", type=int, default=10)
@@ -251,8 +229,6 @@ def parse_args(argv):
     parser.add_argument("--no-ablation", dest="ablation", action="store_false")
     parser.add_argument("--loader", action="store_true", help="also time the step fed by the real loader")
     parser.add_argument("--compile", action="store_true", help="fastdino contestant with torch.compile'd blocks")
-    parser.add_argument("--smoke", action="store_true")
-    parser.add_argument("--out", type=Path)
     parser.add_argument("override", nargs="*", help="extra config overrides for every contestant")
     args = parser.parse_args(argv)
     if args.smoke:
@@ -267,11 +243,11 @@ def parse_args(argv):
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     device = bench_device(args.smoke)
-    report = {"benchmark": "step", "smoke": args.smoke, **environment(device)}
+    report = new_report("step", device, args.smoke)
     report["bf16_matmul_tflops"] = None if args.smoke else matmul_tflops(device)
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
-        write_jpegs(workdir / "images", args.batch, (64, 64))
+        write_jpegs(workdir / "images", args.batch, (64, 64), classes=1)
         report["models"] = []
         for name in args.models.split(","):
             result = bench_model(name, args, device, report["bf16_matmul_tflops"], workdir)

@@ -5,17 +5,21 @@ Scripts run as files (`python bench/bench_step.py`); each puts the repository ro
 """
 from __future__ import annotations
 
+import argparse
 import datetime
 import importlib.metadata
 import json
 import platform
+import re
 import statistics
 import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results"
@@ -36,7 +40,7 @@ def device_name(device: torch.device) -> str:
 def environment(device: torch.device) -> dict:
     """Device, driver, library versions, date and commit: recorded with every result file."""
     versions = {"python": platform.python_version(), "torch": torch.__version__}
-    for name in ("triton", "xformers", "nvidia-dali-cuda130", "timm"):
+    for name in ("triton", "xformers", "nvidia-dali-cuda130", "torchvision", "timm"):
         try:  # package metadata: importing xformers without its extension prints warnings
             versions[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
@@ -58,6 +62,19 @@ def _nvidia_driver() -> str | None:
         return None
 
 
+def new_report(name: str, device: torch.device, smoke: bool) -> dict:
+    """The head every result file starts with: which benchmark, smoke or not, and the environment."""
+    return dict(benchmark=name, smoke=smoke, **environment(device))
+
+
+def bench_parser(description: str, smoke_help: str) -> argparse.ArgumentParser:
+    """The two options every benchmark has: --smoke (CPU, tiny sizes, seconds) and --out."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--smoke", action="store_true", help=smoke_help)
+    parser.add_argument("--out", type=Path, help="JSON file or existing folder (default for GPU runs: bench/results/)")
+    return parser
+
+
 def bench_device(smoke: bool) -> torch.device:
     """CPU for smoke runs; a GPU run without CUDA stops with a hint."""
     if smoke:
@@ -70,6 +87,20 @@ def bench_device(smoke: bool) -> torch.device:
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory_gib(device: torch.device) -> float | None:
+    """Peak allocated GPU memory since the last reset_peak_memory; None on CPU (not tracked)."""
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def time_calls(fn: Callable[[], object], device: torch.device, warmup: int, reps: int) -> list[float]:
@@ -106,18 +137,57 @@ def copy_bandwidth_gbs(device: torch.device, megabytes: int = 1024) -> float:
     return 2 * source.numel() / ms / 1e6
 
 
+def peak_bandwidth_bytes_per_s(device: torch.device) -> float | None:
+    """Theoretical memory bandwidth from the memory clock and bus width (double data rate); None when unknown."""
+    props = torch.cuda.get_device_properties(device)
+    clock_khz, bus_bits = getattr(props, "memory_clock_rate", 0), getattr(props, "memory_bus_width", 0)
+    return 2 * clock_khz * 1e3 * bus_bits / 8 if clock_khz and bus_bits else None
+
+
+def crop_flops(tokens: int, patch: int, dim: int, depth: int, hidden: int, bottleneck: int, out_dim: int) -> int:
+    """Forward FLOPs of ViT backbone + DINO head for one crop of `tokens` tokens (CLS included).
+
+    Patch embedding 2·(N-1)·3p²·D + depth·(24·N·D² + 4·N²·D) + head 2·(D·H + H² + H·b + b·K); multiply-add = 2.
+    """
+    patch_embed = 2 * (tokens - 1) * 3 * patch**2 * dim
+    blocks = depth * (24 * tokens * dim**2 + 4 * tokens**2 * dim)
+    head = 2 * (dim * hidden + hidden * hidden + hidden * bottleneck + bottleneck * out_dim)
+    return patch_embed + blocks + head
+
+
+def write_jpegs(root: Path, count: int, size: tuple[int, int], classes: int = 10, seed: int = 0) -> None:
+    """`count` ImageNet-like JPEGs (quality 90) of smooth colour fields plus fine noise, in `classes` class folders
+    under `root`: decoding them costs about what decoding photographs does. size = (width, height)."""
+    rng = np.random.default_rng(seed)
+    width, height = size
+    for index in range(count):
+        folder = root / f"class{index % classes}"
+        folder.mkdir(parents=True, exist_ok=True)
+        coarse = Image.fromarray(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)).resize(size, Image.BICUBIC)
+        texture = rng.normal(0, 12, (height, width, 3))
+        pixels = np.clip(np.asarray(coarse, dtype=np.float32) + texture, 0, 255).astype(np.uint8)
+        Image.fromarray(pixels).save(folder / f"{index:06d}.jpg", quality=90)
+
+
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     actual, expected = actual.double(), expected.double()
     return ((actual - expected).norm() / expected.norm().clamp_min(1e-30)).item()
 
 
+def print_rows(rows: list[dict], fields: dict[str, str]) -> None:
+    """One console line per result row: `name=value` for each of `fields` (name -> format spec) the row has."""
+    for row in rows:
+        print("  ".join(f"{name}={row[name]:{spec}}" for name, spec in fields.items() if row.get(name) is not None))
+
+
 def write_report(report: dict, name: str, out: Path | None = None, smoke: bool = False) -> Path | None:
-    """Write JSON to `out`, or (full runs only) to bench/results/<name>-<device>-<date>.json."""
-    if out is None and not smoke:
-        slug = report["device"].lower().replace(" ", "-")
-        out = RESULTS / f"{name}-{slug}-{datetime.date.today():%Y%m%d}.json"
-    if out is None:
+    """Write JSON to the file `out`, into the folder `out` as <name>-<device>-<date>.json, or (full runs only,
+    no `out`) to bench/results/<name>-<device>-<date>.json. Smoke runs without `out` write nothing."""
+    if out is None and smoke:
         return None
+    if out is None or out.is_dir():
+        slug = re.sub(r"[^a-z0-9]+", "-", report["device"].lower()).strip("-")
+        out = (out or RESULTS) / f"{name}-{slug}-{datetime.date.today():%Y%m%d}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {out}")

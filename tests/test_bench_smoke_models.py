@@ -1,21 +1,16 @@
 """The attention and model benchmarks' CPU smoke modes run end to end and write JSON only where told."""
 import importlib.util
 import json
-import sys
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 
 
 def load_bench(name):
-    sys.path.insert(0, str(BENCH))  # bench_model imports its shared helpers from bench_attention
-    try:
-        spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module
-    finally:
-        sys.path.remove(str(BENCH))
+    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def test_bench_attention_smoke(tmp_path):
