@@ -3,7 +3,8 @@
     python train.py --config configs/vit_small_p16.yaml data.path=/path/to/imagenet/train output_dir=runs/x
 
 Any config field can be overridden as `section.key=value`. A run resumes automatically from
-`<output_dir>/checkpoint.pth` when it exists. Multi-GPU: `torchrun --nproc_per_node=8 train.py ...`.
+`<output_dir>/checkpoint.pth` (or `checkpoint_dcp/`, the sharded checkpoint of FSDP runs) when it exists.
+Multi-GPU: `torchrun --nproc_per_node=8 train.py ...` (FSDP2 by default; distributed.strategy=ddp for DDP).
 """
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
 
-    from fastdino.distributed import init_distributed
+    from fastdino.distributed import init_distributed, shutdown_distributed
     from fastdino.report import final_report
     from fastdino.trainer import NonFiniteLossError, Trainer
 
@@ -45,8 +46,10 @@ def main(argv: list[str] | None = None) -> int:
     except NonFiniteLossError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
+    backbone = trainer.teacher_backbone()  # every rank: under FSDP this gathers the sharded teacher
     if ctx.is_main:
-        final_report(config, trainer.teacher_backbone(), trainer.device)
+        final_report(config, backbone, trainer.device)
+    shutdown_distributed()
     return 0
 
 

@@ -96,6 +96,7 @@ class EvalConfig:
     image_size: int = 224  # evaluation resolution
     final_knn: bool = False  # after training: kNN of the teacher and of a random-init twin
     attention_images: int = 0  # after training: attention pictures of this many bundled photos
+    attention_image_size: int = 224  # resolution of those pictures (the position embedding is interpolated)
 
 
 @dataclass

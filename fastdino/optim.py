@@ -3,7 +3,9 @@ clipping, last-layer freezing."""
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 
 def parameter_groups(model: nn.Module) -> list[dict]:
@@ -39,14 +41,35 @@ def clip_gradients_(model: nn.Module, max_norm: float) -> torch.Tensor | None:
     The reference loops in Python and reads every norm back to the host; here all norms come from one foreach
     call and the scales are applied on the device (a scale of exactly 1 where no clipping is needed).
     Returns the per-parameter norms (before clipping) as one tensor, or None when there is no gradient.
+
+    Sharded (FSDP2 DTensor) gradients: a parameter's norm is that of its full gradient, so the squared norms of
+    the local shards are summed over the shard group, one all_reduce for all parameters; each rank then scales
+    its own shards.
     """
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     if not grads:
         return None
-    norms = torch.stack([norm.float() for norm in torch._foreach_norm(grads, 2.0)])
+    sharded = [isinstance(grad, DTensor) for grad in grads]
+    local = [grad.to_local() if is_sharded else grad for grad, is_sharded in zip(grads, sharded)]
+    norms = [norm.float() for norm in torch._foreach_norm(local, 2.0)]
+    if any(sharded):
+        norms = _full_norms_of_shards(norms, [grad for grad, is_sharded in zip(grads, sharded) if is_sharded], sharded)
+    norms = torch.stack(norms)
     scales = torch.clamp(max_norm / (norms + 1e-6), max=1.0)
-    torch._foreach_mul_(grads, list(scales.unbind()))
+    torch._foreach_mul_(local, list(scales.unbind()))
     return norms
+
+
+def _full_norms_of_shards(norms: list[torch.Tensor], sharded_grads: list[DTensor], sharded: list[bool]):
+    """Replace the shard norms (where `sharded`) by full-tensor norms: sqrt of the all-reduced squared shard norms."""
+    mesh = sharded_grads[0].device_mesh
+    for grad in sharded_grads:
+        if grad.device_mesh != mesh or mesh.ndim != 1 or not all(p.is_shard() for p in grad.placements):
+            raise ValueError("per-parameter clipping supports gradients sharded over one 1-D mesh (FSDP2 fully_shard)")
+    squares = torch.stack([norm for norm, is_sharded in zip(norms, sharded) if is_sharded]).square()
+    dist.all_reduce(squares, group=mesh.get_group())
+    full = iter(squares.sqrt().unbind())
+    return [next(full) if is_sharded else norm for norm, is_sharded in zip(norms, sharded)]
 
 
 @torch.no_grad()

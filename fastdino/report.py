@@ -51,7 +51,7 @@ def final_report(config: Config, teacher_backbone: nn.Module, device: torch.devi
 
         picture_dir = run_dir / "attention"
         for name, image in demo_attention_images()[: config.eval.attention_images]:
-            save_attention_maps(teacher_backbone, image, picture_dir, config.eval.image_size, name=name)
+            save_attention_maps(teacher_backbone, image, picture_dir, config.eval.attention_image_size, name=name)
         log.info("attention pictures written to %s", picture_dir)
     if config.eval.final_knn:
         results["knn_top1_trained"] = knn_top1(teacher_backbone, config, device)

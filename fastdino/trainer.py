@@ -9,13 +9,29 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
-from fastdino import checkpoint
+from fastdino import checkpoint, sharded_checkpoint
 from fastdino.config import Config, config_to_dict
 from fastdino.data.datasets import ImageFolderDataset
-from fastdino.distributed import DistributedContext, wrap_networks
-from fastdino.ema import TeacherEMA
+from fastdino.distributed import (
+    DistributedContext,
+    build_teacher_ema,
+    full_state_dict,
+    gather_objects,
+    is_sharded,
+    reshard,
+    resolve_strategy,
+    wrap_networks,
+)
 from fastdino.loss import DINOLoss
 from fastdino.metrics import MetricsLogger
 from fastdino.models import DINOHead, MultiCropWrapper, build_vit, xformers_usable
@@ -204,8 +220,11 @@ class Trainer:
         torch.manual_seed(config.seed)  # identical initial weights on every rank and in the random-init twin
         student, teacher = build_networks(config, self.fast)
         student, teacher = student.to(self.device), teacher.to(self.device)
-        self.student, self.teacher = wrap_networks(student, teacher, config, self.ctx, self.fast)
-        self.ema = TeacherEMA(self.student, self.teacher, fused=self.fast.fused_ema)
+        self.strategy = resolve_strategy(config.distributed.strategy, self.ctx)
+        self.student, self.teacher = wrap_networks(
+            student, teacher, config, self.ctx, self.fast, self.strategy, self.autocast_dtype
+        )
+        self.ema = build_teacher_ema(self.student, self.teacher, fused=self.fast.fused_ema)
         self.optimizer = build_optimizer(self.student, config.optim.optimizer, fused=self.fast.fused_adamw)
         self.scaler = torch.amp.GradScaler("cuda") if self.autocast_dtype == torch.float16 else None
         self.schedules = Schedules(config, len(self.loader), self.ctx.world_size)
@@ -219,7 +238,7 @@ class Trainer:
         self.metrics = MetricsLogger(self.output_dir, enabled=self.ctx.is_main)
         self.step = 0  # global step about to run
         self.last_checkpoint: Path | None = None
-        resume_from = checkpoint.latest_checkpoint(self.output_dir)
+        resume_from = sharded_checkpoint.find_resume_checkpoint(self.output_dir)
         if resume_from is None:
             torch.manual_seed(config.seed + 1 + self.ctx.rank)  # stochastic depth draws differ per rank
         else:
@@ -227,15 +246,18 @@ class Trainer:
 
     # ---------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
+        """Everything an exact continuation needs. Networks and optimizer by parameter name, without wrapper
+        prefixes (sharded DTensors under FSDP); "rng" lists every rank's generators. Collective with >1 rank."""
         self.dino_loss.synchronize_center()
+        student, optimizer = get_state_dict(self.student, self.optimizer)
         state = {
-            "student": self.student.state_dict(),
-            "teacher": self.teacher.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "student": student,
+            "teacher": get_model_state_dict(self.teacher),
+            "optimizer": optimizer,
             "dino_loss": self.dino_loss.state_dict(),
             "step": self.step,
             "epoch": self.step // len(self.loader),
-            "rng": checkpoint.capture_rng_state(),
+            "rng": gather_objects(checkpoint.capture_rng_state(), self.ctx),
             "config": config_to_dict(self.config),
         }
         if self.scaler is not None:
@@ -243,17 +265,28 @@ class Trainer:
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.student.load_state_dict(state["student"])
-        self.teacher.load_state_dict(state["teacher"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        # full (unsharded) weights into FSDP networks, e.g. a single-process checkpoint continued on 8 GPUs
+        full = is_sharded(self.student) and not _holds_dtensors(state["student"])
+        set_model_state_dict(self.student, state["student"], options=StateDictOptions(full_state_dict=full))
+        set_model_state_dict(self.teacher, state["teacher"], options=StateDictOptions(full_state_dict=full))
+        # strict=False: a parameter that never had a gradient yet (the frozen last layer) has no optimizer state
+        optimizer_options = StateDictOptions(full_state_dict=full, strict=False)
+        set_optimizer_state_dict(self.student, self.optimizer, state["optimizer"], options=optimizer_options)
         self.dino_loss.load_state_dict(state["dino_loss"])
         if self.scaler is not None and "scaler" in state:
             self.scaler.load_state_dict(state["scaler"])
         self.step = state["step"]
-        checkpoint.restore_rng_state(state["rng"])
+        rng = state["rng"]
+        if self.ctx.rank < len(rng):
+            checkpoint.restore_rng_state(rng[self.ctx.rank])
+        else:  # more ranks than the run that saved: fresh stochastic-depth draws for the new ranks
+            torch.manual_seed(self.config.seed + 1 + self.ctx.rank + self.step)
 
     def resume(self, path: Path) -> None:
-        self.load_state_dict(checkpoint.load(path, map_location=self.device))
+        if path.is_dir():
+            self.load_state_dict(sharded_checkpoint.load_sharded(path, self.state_dict()))
+        else:
+            self.load_state_dict(checkpoint.load(path, map_location=self.device))
         self.last_checkpoint = path
         self.metrics.drop_rows_after(self.step)
         if self.ctx.is_main:
@@ -261,6 +294,9 @@ class Trainer:
 
     def save(self) -> None:
         state = self.state_dict()
+        if is_sharded(self.student):
+            self._save_sharded(state)
+            return
         if not self.ctx.is_main:
             return
         path = self.output_dir / checkpoint.LATEST
@@ -271,6 +307,16 @@ class Trainer:
         freq = self.config.saveckp_freq
         if epoch_done and freq and (epoch - 1) % freq == 0:
             checkpoint.save_atomic(state, self.output_dir / f"checkpoint{epoch - 1:04d}.pth")
+
+    def _save_sharded(self, state: dict[str, Any]) -> None:
+        """FSDP: every rank writes its shards into <output_dir>/checkpoint_dcp/ (published by rename)."""
+        path = self.output_dir / sharded_checkpoint.SHARDED_DIR
+        sharded_checkpoint.save_sharded(state, path, self.ctx)
+        self.last_checkpoint = path
+        epoch, within = divmod(self.step, len(self.loader))
+        freq = self.config.saveckp_freq
+        if within == 0 and freq and (epoch - 1) % freq == 0 and self.ctx.is_main:
+            sharded_checkpoint.keep_copy(path, self.output_dir / f"checkpoint{epoch - 1:04d}_dcp")
 
     # ---------------------------------------------------------------- one step
     def train_step(self, crops: list[torch.Tensor], epoch: int, monitors: bool = False):
@@ -287,6 +333,7 @@ class Trainer:
         with autocast:
             with torch.no_grad():
                 teacher_logits = self.teacher(crops[:2])
+                reshard(self.teacher)  # FSDP: the next forward must gather the shards the EMA updates
             student_logits = self.student(crops)
         output = self.dino_loss(student_logits, teacher_logits, epoch, monitors=monitors)
 
@@ -381,13 +428,27 @@ class Trainer:
 
     def _end_of_epoch(self, epoch: int) -> None:
         every = self.config.eval.knn_every_epochs
-        if every and (epoch + 1) % every == 0 and self.ctx.is_main:
+        if every and (epoch + 1) % every == 0:
             from fastdino.report import knn_top1
 
-            top1 = knn_top1(self.teacher_backbone(), self.config, self.device)
+            backbone = self.teacher_backbone()  # every rank: a gather under FSDP
+            if not self.ctx.is_main:
+                return
+            top1 = knn_top1(backbone, self.config, self.device)
             self.metrics.log({"step": self.step, "epoch": epoch, "knn_top1": top1})
             log.info("epoch %d: kNN top-1 %.2f%%", epoch, top1)
 
     def teacher_backbone(self) -> torch.nn.Module:
-        """The teacher's ViT (what DINO evaluates and exports)."""
-        return self.teacher.backbone
+        """The teacher's ViT (what DINO evaluates and exports). Under FSDP a plain copy gathered from the shards:
+        every rank must call it, and only rank 0's copy holds the weights."""
+        if not is_sharded(self.teacher):
+            return self.teacher.backbone
+        weights = sharded_checkpoint.backbone_weights(full_state_dict(self.teacher))
+        backbone = build_backbone(self.config, 0.0)
+        if self.ctx.is_main:
+            backbone.load_state_dict(weights)
+        return backbone.to(self.device)
+
+
+def _holds_dtensors(state: dict[str, Any]) -> bool:
+    return any(isinstance(value, DTensor) for value in state.values())
