@@ -39,6 +39,18 @@ def initial_backbone(config: Config) -> nn.Module:
     return build_backbone(config, config.model.drop_path_rate)
 
 
+def _add_pictures_to_tensorboard(log_dir: Path, pictures: list[Path]) -> None:
+    """The attention overviews beside the scalars, so TensorBoard shows what the features attend to."""
+    import numpy as np
+    from PIL import Image
+    from torch.utils.tensorboard import SummaryWriter
+
+    with SummaryWriter(log_dir=str(log_dir)) as writer:
+        for path in pictures:
+            pixels = np.asarray(Image.open(path).convert("RGB"))
+            writer.add_image(f"attention/{path.stem}", pixels, dataformats="HWC")
+
+
 def final_report(config: Config, teacher_backbone: nn.Module, device: torch.device) -> dict[str, float]:
     """Writes the pictures into the run directory and prints the kNN lines last."""
     run_dir = Path(config.output_dir)
@@ -50,8 +62,11 @@ def final_report(config: Config, teacher_backbone: nn.Module, device: torch.devi
         from fastdino.data.demo_dataset import demo_attention_images
 
         picture_dir = run_dir / "attention"
+        overviews = []
         for name, image in demo_attention_images()[: config.eval.attention_images]:
             save_attention_maps(teacher_backbone, image, picture_dir, config.eval.attention_image_size, name=name)
+            overviews.append(picture_dir / f"{name}-overview.png")
+        _add_pictures_to_tensorboard(run_dir / "tensorboard", overviews)
         log.info("attention pictures written to %s", picture_dir)
     if config.eval.final_knn:
         results["knn_top1_trained"] = knn_top1(teacher_backbone, config, device)

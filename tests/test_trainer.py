@@ -124,3 +124,34 @@ def test_command_line_rejects_bad_input_before_training(arguments, message, imag
     code = train.main([argument.format(**paths) for argument in arguments])
     assert code == 2
     assert message in capsys.readouterr().err
+
+
+def test_random_init_baseline_is_the_network_training_started_from(image_folder, tmp_path):
+    """The demo's random-init kNN uses exactly the student's starting weights: a fair, unweakened baseline."""
+    from fastdino.report import initial_backbone
+
+    config = tiny_config(image_folder, tmp_path)
+    trainer = Trainer(config)
+    baseline = initial_backbone(config).state_dict()
+    started = trainer.student.backbone.state_dict()
+    assert baseline.keys() == started.keys()
+    assert all(torch.equal(baseline[key], started[key]) for key in baseline)
+
+
+def test_command_line_run_ends_with_knn_lines_and_pictures(image_folder, tmp_path, capsys):
+    """The main job's shape: train, then pictures, a curve, and the two kNN lines printed last."""
+    code = train.main([
+        f"data.path={image_folder}", f"output_dir={tmp_path}", "model.arch=vit_tiny", "model.depth=1",
+        "model.patch_size=8", "model.out_dim=64", "model.head_hidden_dim=32", "model.head_bottleneck_dim=16",
+        "data.global_crop_size=16", "data.local_crop_size=8", "data.local_crops_number=2",
+        "data.batch_size_per_gpu=8", "data.num_workers=0", "optim.epochs=1", "optim.warmup_epochs=0",
+        f"eval.knn_train_path={image_folder}", f"eval.knn_val_path={image_folder}", "eval.image_size=16",
+        "eval.final_knn=true", "eval.knn_k=5", "eval.attention_images=1", "eval.attention_image_size=32",
+    ])
+    assert code == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[-2].startswith("kNN top-1 (trained): ") and lines[-2].endswith("%")
+    assert lines[-1].startswith("kNN top-1 (random init): ") and lines[-1].endswith("%")
+    assert (tmp_path / "training_curves.png").is_file()
+    assert len(list((tmp_path / "attention").glob("*-overview.png"))) == 1
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
