@@ -26,6 +26,7 @@ def knn_top1(backbone: nn.Module, config: Config, device: torch.device) -> float
         device=device,
         k=config.eval.knn_k,
         temperature=config.eval.knn_temperature,
+        num_workers=config.data.num_workers,
     )
     return result["top1"]
 

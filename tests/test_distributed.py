@@ -14,15 +14,14 @@ import socket
 import time
 import traceback
 
+import helpers
 import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from PIL import Image
 
 from fastdino import sharded_checkpoint
-from fastdino.config import load_config
 from fastdino.distributed import DistributedContext
 from fastdino.models import DINOHead, MultiCropWrapper, vit_tiny
 from fastdino.trainer import Trainer
@@ -35,25 +34,9 @@ STEP_SETTINGS = ("model.drop_path_rate=0.0", "optim.warmup_epochs=0", "optim.fre
                  "optim.optimizer=sgd", "model.depth=2", "optim.clip_grad=0.5")
 
 
-def make_image_folder(root):
-    """16 small JPEGs in 2 classes (what the loader needs; the step tests feed their own batches)."""
-    rng = np.random.default_rng(0)
-    for index in range(16):
-        folder = root / f"class{index % 2}"
-        folder.mkdir(parents=True, exist_ok=True)
-        pixels = rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)
-        Image.fromarray(pixels).save(folder / f"{index}.jpg", quality=90)
-    return root
-
-
 def tiny_config(data_path, output_dir, *extra):
-    return load_config(None, [
-        f"data.path={data_path}", f"output_dir={output_dir}", "model.arch=vit_tiny", "model.depth=1",
-        "model.patch_size=8", "model.out_dim=64", "model.head_hidden_dim=32", "model.head_bottleneck_dim=16",
-        "data.global_crop_size=16", "data.local_crop_size=8", "data.local_crops_number=2",
-        f"data.batch_size_per_gpu={BATCH_PER_RANK}", "data.num_workers=0", "optim.epochs=2", "optim.warmup_epochs=1",
-        "log_every=1", "monitor_every=0", "device=cpu", *extra,
-    ])
+    return helpers.tiny_config(data_path, output_dir, f"data.batch_size_per_gpu={BATCH_PER_RANK}",
+                               "monitor_every=0", *extra)
 
 
 def fixed_batch(step, batch):
@@ -185,7 +168,7 @@ def free_port():
 def two_ranks(tmp_path_factory):
     """Runs every 2-process scenario once; returns (work folder, image folder)."""
     work = tmp_path_factory.mktemp("distributed")
-    data = make_image_folder(work / "images")
+    data = helpers.write_image_folder(work / "images")
     mp.spawn(_worker, args=(free_port(), work, data), nprocs=WORLD, join=True)
     return work, data
 

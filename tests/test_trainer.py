@@ -4,38 +4,15 @@ import json
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from helpers import tiny_config, write_image_folder
 
 import train
-from fastdino.config import load_config
 from fastdino.trainer import NonFiniteLossError, Trainer
 
 
 @pytest.fixture(scope="module")
 def image_folder(tmp_path_factory):
-    """16 small JPEGs in 2 classes: smooth colour gradients with a class-dependent orientation."""
-    root = tmp_path_factory.mktemp("images")
-    rng = np.random.default_rng(0)
-    for index in range(16):
-        label = index % 2
-        folder = root / f"class{label}"
-        folder.mkdir(exist_ok=True)
-        ramp = np.linspace(0, 255, 40)
-        base = np.tile(ramp, (40, 1)) if label == 0 else np.tile(ramp[:, None], (1, 40))
-        pixels = np.stack([base, base[::-1], np.full_like(base, rng.uniform(0, 255))], -1)
-        pixels = np.clip(pixels + rng.normal(0, 20, pixels.shape), 0, 255).astype(np.uint8)
-        Image.fromarray(pixels).save(folder / f"{index}.jpg", quality=90)
-    return root
-
-
-def tiny_config(data_path, output_dir, *extra):
-    return load_config(None, [
-        f"data.path={data_path}", f"output_dir={output_dir}", "model.arch=vit_tiny", "model.depth=1",
-        "model.patch_size=8", "model.out_dim=64", "model.head_hidden_dim=32", "model.head_bottleneck_dim=16",
-        "data.global_crop_size=16", "data.local_crop_size=8", "data.local_crops_number=2",
-        "data.batch_size_per_gpu=4", "data.num_workers=0", "optim.epochs=2", "optim.warmup_epochs=1",
-        "log_every=1", "monitor_every=2", *extra,
-    ])
+    return write_image_folder(tmp_path_factory.mktemp("images"))
 
 
 def test_a_few_steps_lower_the_loss_on_a_fixed_batch(image_folder, tmp_path):
