@@ -193,6 +193,21 @@ def _teacher_partials_kernel(
 
 
 @triton.jit
+def _student_block_and_paired_teacher(
+    student_row_ptr, teacher_ptr, teacher_rows, teacher_stride, center_ptr, paired, cols, col_ok,
+    student_temp, teacher_temp, run_max, teacher_log_sum,
+):
+    """One block of columns: z = s / student_temp, and Q = the sum of the paired teacher probabilities there."""
+    z = tl.load(student_row_ptr + cols, mask=col_ok, other=0.0).to(tl.float32) / student_temp
+    center = tl.load(center_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    t_ok = paired[:, None] & col_ok[None, :]
+    t = tl.load(teacher_ptr + teacher_rows[:, None] * teacher_stride + cols[None, :], mask=t_ok, other=0.0)
+    x = (t.to(tl.float32) - center[None, :]) / teacher_temp
+    q = tl.exp((x - run_max[:, None]) - teacher_log_sum[:, None])
+    return z, tl.sum(tl.where(t_ok, q, 0.0), axis=0)
+
+
+@triton.jit
 def _student_kernel(
     student_ptr, teacher_ptr, center_ptr, part_max_ptr, part_sum_ptr, row_loss_ptr, grad_ptr,
     batch, n_crops, num_classes, student_stride, teacher_stride, grad_stride, n_blocks,
@@ -238,14 +253,10 @@ def _student_kernel(
     for col_start in range(0, num_classes, BLOCK_K):
         cols = col_start + tl.arange(0, BLOCK_K)
         col_ok = cols < num_classes
-        z = tl.load(student_ptr + student_row * student_stride + cols, mask=col_ok, other=0.0).to(tl.float32)
-        z = z / student_temp
-        center = tl.load(center_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
-        t_ok = paired[:, None] & col_ok[None, :]
-        t = tl.load(teacher_ptr + teacher_rows[:, None] * teacher_stride + cols[None, :], mask=t_ok, other=0.0)
-        x = (t.to(tl.float32) - center[None, :]) / teacher_temp
-        q = tl.exp((x - run_max[:, None]) - teacher_log_sum[:, None])
-        q_paired = tl.sum(tl.where(t_ok, q, 0.0), axis=0)
+        z, q_paired = _student_block_and_paired_teacher(
+            student_ptr + student_row * student_stride, teacher_ptr, teacher_rows, teacher_stride, center_ptr,
+            paired, cols, col_ok, student_temp, teacher_temp, run_max, teacher_log_sum,
+        )
         z_masked = tl.where(col_ok, z, float("-inf"))
         new_max = tl.maximum(row_max, tl.max(z_masked, axis=0))
         row_sum = row_sum * tl.exp(row_max - new_max) + tl.sum(tl.exp(z_masked - new_max), axis=0)
@@ -259,14 +270,10 @@ def _student_kernel(
         for col_start in range(0, num_classes, BLOCK_K):
             cols = col_start + tl.arange(0, BLOCK_K)
             col_ok = cols < num_classes
-            z = tl.load(student_ptr + student_row * student_stride + cols, mask=col_ok, other=0.0).to(tl.float32)
-            z = z / student_temp
-            center = tl.load(center_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
-            t_ok = paired[:, None] & col_ok[None, :]
-            t = tl.load(teacher_ptr + teacher_rows[:, None] * teacher_stride + cols[None, :], mask=t_ok, other=0.0)
-            x = (t.to(tl.float32) - center[None, :]) / teacher_temp
-            q = tl.exp((x - run_max[:, None]) - teacher_log_sum[:, None])
-            q_paired = tl.sum(tl.where(t_ok, q, 0.0), axis=0)
+            z, q_paired = _student_block_and_paired_teacher(
+                student_ptr + student_row * student_stride, teacher_ptr, teacher_rows, teacher_stride, center_ptr,
+                paired, cols, col_ok, student_temp, teacher_temp, run_max, teacher_log_sum,
+            )
             grad = (n_pairs * tl.exp((z - row_max) - row_log_sum) - q_paired) * (grad_scale / student_temp)
             tl.store(grad_ptr + student_row * grad_stride + cols, grad.to(grad_ptr.dtype.element_ty), mask=col_ok)
 
