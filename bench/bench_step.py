@@ -213,7 +213,8 @@ def bench_with_loader(base: list[str], args, device: torch.device, workdir: Path
         if index >= args.warmup:
             times.append((now - last) * 1e3)
         last = now
-    return {"loader": "dali" if trainer.fast.dali else "torch", "steps": len(times),
+    loader = "dali" if trainer.fast.dali else "gpu_decode" if trainer.fast.gpu_decode else "torch"
+    return {"loader": loader, "steps": len(times),
             "step_ms_median": statistics.median(times) if times else None,
             "images_per_s": args.batch * 1e3 / statistics.median(times) if times else None}
 

@@ -40,7 +40,7 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     path: str = ""
-    loader: str = "auto"  # auto (DALI on CUDA when installed) | dali | torch
+    loader: str = "auto"  # auto (CUDA: DALI if installed, else gpu_decode; CPU: torch) | dali | gpu_decode | torch
     global_crops_scale: tuple[float, float] = (0.4, 1.0)
     local_crops_scale: tuple[float, float] = (0.05, 0.4)
     local_crops_number: int = 8
@@ -127,7 +127,7 @@ class Config:
 _CHOICES = {
     "model.arch": ("vit_tiny", "vit_small", "vit_base"),
     "model.attention": ("auto", "xformers", "sdpa", "math"),
-    "data.loader": ("auto", "dali", "torch"),
+    "data.loader": ("auto", "dali", "gpu_decode", "torch"),
     "optim.optimizer": ("adamw", "sgd"),
     "distributed.strategy": ("auto", "fsdp", "ddp", "none"),
     "device": ("auto", "cuda", "cpu"),

@@ -62,6 +62,7 @@ class FastPaths:
     sync_free_clip: bool
     compile: bool
     dali: bool
+    gpu_decode: bool
 
 
 def resolve_device(config: Config) -> torch.device:
@@ -90,7 +91,9 @@ def resolve_fast_paths(config: Config, device: torch.device) -> FastPaths:
     """`auto` turns a fast path on where the device supports it (CUDA, and the library where one is needed)."""
     cuda = device.type == "cuda"
     fast = config.fast
-    dali = config.data.loader == "dali" or (config.data.loader == "auto" and cuda and _dali_installed())
+    loader = config.data.loader
+    dali = loader == "dali" or (loader == "auto" and cuda and _dali_installed())
+    gpu_decode = loader == "gpu_decode" or (loader == "auto" and cuda and not dali)
     return FastPaths(
         fused_loss=_switch(fast.fused_loss, cuda),
         fused_ema=_switch(fast.fused_ema, cuda),
@@ -100,6 +103,7 @@ def resolve_fast_paths(config: Config, device: torch.device) -> FastPaths:
         sync_free_clip=_switch(fast.sync_free_clip, True),
         compile=_switch(fast.compile, False),
         dali=dali,
+        gpu_decode=gpu_decode,
     )
 
 
@@ -157,9 +161,27 @@ def build_networks(config: Config, fast: FastPaths) -> tuple[MultiCropWrapper, M
 def build_loader(
     config: Config, fast: FastPaths, ctx: DistributedContext, device: torch.device, dtype: torch.dtype = torch.float32
 ):
-    """The multi-crop loader: DALI when on (crops come out on the device in `dtype`), else torchvision transforms
-    in DataLoader workers."""
+    """The multi-crop loader: DALI or torchvision's GPU decode when on (crops come out on the device in `dtype`),
+    else torchvision transforms in DataLoader workers."""
     data = config.data
+    if fast.gpu_decode:
+        from fastdino.data.gpu_decode import GpuDecodeMultiCropLoader
+
+        return GpuDecodeMultiCropLoader(
+            data.path,
+            batch_size=data.batch_size_per_gpu,
+            global_crops_scale=data.global_crops_scale,
+            local_crops_scale=data.local_crops_scale,
+            local_crops_number=data.local_crops_number,
+            global_crop_size=data.global_crop_size,
+            local_crop_size=data.local_crop_size,
+            num_threads=max(1, data.num_workers),
+            seed=config.seed,
+            rank=ctx.rank,
+            world_size=ctx.world_size,
+            device=device,
+            dtype=dtype,
+        )
     if fast.dali:
         from fastdino.data.dali import DaliMultiCropLoader
 

@@ -36,7 +36,7 @@ class RandomGaussianBlur:
         return f"{type(self).__name__}(p={self.p}, sigma=[{self.sigma_min}, {self.sigma_max}])"
 
 
-def _check_scale(name: str, scale: tuple[float, float]) -> tuple[float, float]:
+def check_crop_scale(name: str, scale: tuple[float, float]) -> tuple[float, float]:
     low, high = (float(v) for v in scale)
     if not 0.0 < low <= high <= 1.0:
         raise ValueError(f"{name} must be (min, max) area fractions with 0 < min <= max <= 1, got {tuple(scale)}")
@@ -54,8 +54,8 @@ class DataAugmentationDINO:
     def __init__(self, global_crops_scale: tuple[float, float] = (0.4, 1.0),
                  local_crops_scale: tuple[float, float] = (0.05, 0.4), local_crops_number: int = 8,
                  global_crop_size: int = 224, local_crop_size: int = 96):
-        global_crops_scale = _check_scale("global_crops_scale", global_crops_scale)
-        local_crops_scale = _check_scale("local_crops_scale", local_crops_scale)
+        global_crops_scale = check_crop_scale("global_crops_scale", global_crops_scale)
+        local_crops_scale = check_crop_scale("local_crops_scale", local_crops_scale)
         if int(local_crops_number) != local_crops_number or local_crops_number < 0:
             raise ValueError(f"local_crops_number must be an integer >= 0, got {local_crops_number!r}")
         for name, size in (("global_crop_size", global_crop_size), ("local_crop_size", local_crop_size)):
