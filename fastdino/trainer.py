@@ -164,10 +164,12 @@ def build_loader(
     """The multi-crop loader: DALI or torchvision's GPU decode when on (crops come out on the device in `dtype`),
     else torchvision transforms in DataLoader workers."""
     data = config.data
-    if fast.gpu_decode:
-        from fastdino.data.gpu_decode import GpuDecodeMultiCropLoader
-
-        return GpuDecodeMultiCropLoader(
+    if fast.gpu_decode or fast.dali:
+        if fast.gpu_decode:
+            from fastdino.data.gpu_decode import GpuDecodeMultiCropLoader as DeviceLoader
+        else:
+            from fastdino.data.dali import DaliMultiCropLoader as DeviceLoader
+        return DeviceLoader(
             data.path,
             batch_size=data.batch_size_per_gpu,
             global_crops_scale=data.global_crops_scale,
@@ -176,24 +178,6 @@ def build_loader(
             global_crop_size=data.global_crop_size,
             local_crop_size=data.local_crop_size,
             num_threads=max(1, data.num_workers),
-            seed=config.seed,
-            rank=ctx.rank,
-            world_size=ctx.world_size,
-            device=device,
-            dtype=dtype,
-        )
-    if fast.dali:
-        from fastdino.data.dali import DaliMultiCropLoader
-
-        return DaliMultiCropLoader(
-            data.path,
-            batch_size=data.batch_size_per_gpu,
-            global_crops_scale=data.global_crops_scale,
-            local_crops_scale=data.local_crops_scale,
-            local_crops_number=data.local_crops_number,
-            global_crop_size=data.global_crop_size,
-            local_crop_size=data.local_crop_size,
-            num_threads=data.num_workers,
             seed=config.seed,
             rank=ctx.rank,
             world_size=ctx.world_size,
@@ -411,7 +395,12 @@ class Trainer:
                     last_row.update(self._log_row(epoch, loss, window_steps * batch / seconds))
                     self.metrics.log(last_row)
                     progress.set_postfix(
-                        loss=f"{loss:.4f}", lr=f"{last_row['lr']:.2e}", img_s=f"{last_row['img_per_s']:.0f}"
+                        loss=f"{loss:.4f}",
+                        lr=f"{last_row['lr']:.2e}",
+                        wd=f"{last_row['weight_decay']:.3f}",
+                        m=f"{last_row['momentum']:.4f}",
+                        tt=f"{last_row['teacher_temp']:.3f}",
+                        img_s=f"{last_row['img_per_s']:.0f}",
                     )
                     loss_sum.zero_()
                     window_steps, window_start = 0, time.perf_counter()
