@@ -43,6 +43,19 @@ def check_crop_scale(name: str, scale: tuple[float, float]) -> tuple[float, floa
     return low, high
 
 
+def check_multicrop_settings(global_crops_scale, local_crops_scale, local_crops_number: int, global_crop_size: int,
+                             local_crop_size: int) -> tuple[tuple[float, float], tuple[float, float]]:
+    """ValueError naming the first bad setting; returns the two scale ranges as floats."""
+    global_crops_scale = check_crop_scale("global_crops_scale", global_crops_scale)
+    local_crops_scale = check_crop_scale("local_crops_scale", local_crops_scale)
+    if int(local_crops_number) != local_crops_number or local_crops_number < 0:
+        raise ValueError(f"local_crops_number must be an integer >= 0, got {local_crops_number!r}")
+    for name, size in (("global_crop_size", global_crop_size), ("local_crop_size", local_crop_size)):
+        if int(size) != size or size <= 0:
+            raise ValueError(f"{name} must be a positive integer (pixels), got {size!r}")
+    return global_crops_scale, local_crops_scale
+
+
 class DataAugmentationDINO:
     """PIL image -> list of 2 + local_crops_number normalized crops, float32 tensors [3, H, W].
 
@@ -54,13 +67,9 @@ class DataAugmentationDINO:
     def __init__(self, global_crops_scale: tuple[float, float] = (0.4, 1.0),
                  local_crops_scale: tuple[float, float] = (0.05, 0.4), local_crops_number: int = 8,
                  global_crop_size: int = 224, local_crop_size: int = 96):
-        global_crops_scale = check_crop_scale("global_crops_scale", global_crops_scale)
-        local_crops_scale = check_crop_scale("local_crops_scale", local_crops_scale)
-        if int(local_crops_number) != local_crops_number or local_crops_number < 0:
-            raise ValueError(f"local_crops_number must be an integer >= 0, got {local_crops_number!r}")
-        for name, size in (("global_crop_size", global_crop_size), ("local_crop_size", local_crop_size)):
-            if int(size) != size or size <= 0:
-                raise ValueError(f"{name} must be a positive integer (pixels), got {size!r}")
+        global_crops_scale, local_crops_scale = check_multicrop_settings(
+            global_crops_scale, local_crops_scale, local_crops_number, global_crop_size, local_crop_size
+        )
         self.local_crops_number = int(local_crops_number)
 
         flip_and_color_jitter = transforms.Compose([

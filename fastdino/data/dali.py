@@ -136,6 +136,40 @@ def scan_image_files(paths: Sequence[str], cache_file: str | Path | None = None,
     return {path: entry[2] for path, entry in results.items() if entry[2] is not None}
 
 
+def check_loader_settings(batch_size: int, num_threads: int, prefetch: int, seed: int, rank: int,
+                          world_size: int) -> None:
+    """ValueError naming the first bad loader setting (shared by the on-device loaders)."""
+    if batch_size <= 0 or num_threads <= 0 or prefetch <= 0:
+        raise ValueError(f"batch_size, num_threads and prefetch must be > 0, got {batch_size}, {num_threads}, "
+                         f"{prefetch}")
+    if seed < 0:
+        raise ValueError(f"seed must be >= 0, got {seed}")
+    if world_size <= 0 or not 0 <= rank < world_size:
+        raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+
+
+def decodable_samples(source, scan_cache: str | Path | None = None, num_threads: int = 16,
+                      who: str = "loader") -> tuple[list[tuple[str, int]], int]:
+    """(samples, number left out): the (path, label) pairs of `source` (a folder, a list of pairs, or anything with
+    `.samples`) that pass `scan_image_files`; the others are named in one warning. DatasetError when none is left."""
+    if isinstance(source, (str, Path)):
+        samples = find_images(source)[0]
+    else:
+        samples = [(str(path), int(label)) for path, label in getattr(source, "samples", source)]
+    if not samples:
+        raise DatasetError("the dataset holds no images")
+    rejected = scan_image_files([path for path, _ in samples], scan_cache, num_threads=num_threads)
+    if rejected:
+        listing = "; ".join(f"{path} ({reason})" for path, reason in list(rejected.items())[:20])
+        more = f"; and {len(rejected) - 20} more" if len(rejected) > 20 else ""
+        logger.warning("%s: leaving out %d of %d image files that cannot be decoded: %s%s",
+                       who, len(rejected), len(samples), listing, more)
+        samples = [(path, label) for path, label in samples if path not in rejected]
+    if not samples:
+        raise DatasetError(f"none of the {len(rejected)} image files can be decoded")
+    return samples, len(rejected)
+
+
 def make_webdataset_index(tar_path: str | Path, index_path: str | Path | None = None) -> Path:
     """Write the index file that `fn.readers.webdataset` needs for a tar shard (DALI's `wds2idx` tool); returns it.
 
@@ -203,13 +237,7 @@ class DaliMultiCropLoader:
         if DALI_IMPORT_ERROR is not None:
             raise ImportError(f"nvidia.dali is not usable ({DALI_IMPORT_ERROR}); install nvidia-dali-cuda130 or use "
                               "the torchvision loader (data.loader=torch)")
-        if batch_size <= 0 or num_threads <= 0 or prefetch <= 0:
-            raise ValueError(f"batch_size, num_threads and prefetch must be > 0, got {batch_size}, {num_threads}, "
-                             f"{prefetch}")
-        if seed < 0:
-            raise ValueError(f"seed must be >= 0, got {seed}")
-        if world_size <= 0 or not 0 <= rank < world_size:
-            raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+        check_loader_settings(batch_size, num_threads, prefetch, seed, rank, world_size)
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         if device not in ("cpu", "cuda"):
@@ -228,7 +256,7 @@ class DaliMultiCropLoader:
             num_samples = source.num_samples()
         else:
             self.shards = None
-            self.samples = self._usable_samples(source, scan_cache)
+            self.samples, self.num_rejected = decodable_samples(source, scan_cache, who="DALI loader")
             num_samples = len(self.samples)
         if drop_last and num_samples < batch_size * world_size:
             raise ValueError(f"the dataset has {num_samples} usable images, fewer than one global batch "
@@ -237,25 +265,6 @@ class DaliMultiCropLoader:
             self._steps = len(epoch_batches(num_samples, batch_size, seed, 0, rank, world_size, drop_last))
         else:  # DALI's smallest shard holds num_samples // world_size samples; partial batches are always dropped
             self._steps = num_samples // world_size // batch_size
-
-    def _usable_samples(self, source, scan_cache) -> list[tuple[str, int]]:
-        if isinstance(source, (str, Path)):
-            samples = find_images(source)[0]
-        else:
-            samples = list(getattr(source, "samples", source))
-        if not samples:
-            raise DatasetError("the dataset holds no images")
-        rejected = scan_image_files([path for path, _ in samples], scan_cache)
-        if rejected:
-            self.num_rejected = len(rejected)
-            listing = "; ".join(f"{path} ({reason})" for path, reason in list(rejected.items())[:20])
-            more = f"; and {len(rejected) - 20} more" if len(rejected) > 20 else ""
-            logger.warning("DALI loader: leaving out %d of %d image files it could not decode: %s%s",
-                           len(rejected), len(samples), listing, more)
-            samples = [(path, label) for path, label in samples if path not in rejected]
-        if not samples:
-            raise DatasetError(f"none of the {len(rejected)} image files can be decoded")
-        return samples
 
     def __len__(self) -> int:
         return self._steps

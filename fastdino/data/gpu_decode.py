@@ -52,8 +52,8 @@ import torch.nn.functional as F
 from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 from torchvision.transforms.v2 import functional as TF
 
-from fastdino.data.augment import IMAGENET_MEAN, IMAGENET_STD, check_crop_scale
-from fastdino.data.datasets import DatasetError, find_images, load_rgb
+from fastdino.data.augment import IMAGENET_MEAN, IMAGENET_STD, check_multicrop_settings
+from fastdino.data.datasets import load_rgb
 from fastdino.data.torch_loader import epoch_batches, sample_seed
 
 logger = logging.getLogger("fastdino.data")
@@ -84,13 +84,9 @@ def multicrop_slots(global_crops_scale: tuple[float, float] = (0.4, 1.0),
                     local_crops_scale: tuple[float, float] = (0.05, 0.4), local_crops_number: int = 8,
                     global_crop_size: int = 224, local_crop_size: int = 96) -> list[SlotRecipe]:
     """The DINO slots: global (blur p 1), global (blur p 0.1, solarize p 0.2), then the locals (blur p 0.5)."""
-    global_crops_scale = check_crop_scale("global_crops_scale", global_crops_scale)
-    local_crops_scale = check_crop_scale("local_crops_scale", local_crops_scale)
-    if int(local_crops_number) != local_crops_number or local_crops_number < 0:
-        raise ValueError(f"local_crops_number must be an integer >= 0, got {local_crops_number!r}")
-    for name, size in (("global_crop_size", global_crop_size), ("local_crop_size", local_crop_size)):
-        if int(size) != size or size <= 0:
-            raise ValueError(f"{name} must be a positive integer (pixels), got {size!r}")
+    global_crops_scale, local_crops_scale = check_multicrop_settings(
+        global_crops_scale, local_crops_scale, local_crops_number, global_crop_size, local_crop_size
+    )
     return [SlotRecipe(int(global_crop_size), global_crops_scale, blur_p=1.0),
             SlotRecipe(int(global_crop_size), global_crops_scale, blur_p=0.1, solarize_p=0.2),
             *[SlotRecipe(int(local_crop_size), local_crops_scale, blur_p=0.5)] * int(local_crops_number)]
@@ -355,13 +351,9 @@ class GpuDecodeMultiCropLoader:
                  global_crop_size: int = 224, local_crop_size: int = 96, device: str | torch.device = "auto",
                  dtype: torch.dtype = torch.float32, num_threads: int = 8, prefetch: int = 2,
                  scan_cache: str | Path | None = None):
-        if batch_size <= 0 or num_threads <= 0 or prefetch <= 0:
-            raise ValueError(f"batch_size, num_threads and prefetch must be > 0, got {batch_size}, {num_threads}, "
-                             f"{prefetch}")
-        if seed < 0:
-            raise ValueError(f"seed must be >= 0, got {seed}")
-        if world_size <= 0 or not 0 <= rank < world_size:
-            raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+        from fastdino.data.dali import check_loader_settings, decodable_samples  # importable without DALI itself
+
+        check_loader_settings(batch_size, num_threads, prefetch, seed, rank, world_size)
         if dtype not in (torch.float32, torch.float16, torch.bfloat16):
             raise ValueError(f"dtype must be torch.float32, float16 or bfloat16, got {dtype}")
         self.slots = multicrop_slots(global_crops_scale, local_crops_scale, local_crops_number, global_crop_size,
@@ -373,34 +365,11 @@ class GpuDecodeMultiCropLoader:
         self.num_rejected = 0  # files left out by the pre-scan
         self._cpu_decoded_files: set[str] = set()
         self._failed_files: set[str] = set()
-        self.samples = self._usable_samples(source, scan_cache)
+        self.samples, self.num_rejected = decodable_samples(source, scan_cache, self.num_threads, "GPU-decode loader")
         if drop_last and len(self.samples) < batch_size * world_size:
             raise ValueError(f"the dataset has {len(self.samples)} usable images, fewer than one global batch "
                              f"(batch_size {batch_size} x world_size {world_size}); use a smaller batch size")
         self._steps = len(self.batches(0))
-
-    def _usable_samples(self, source, scan_cache) -> list[tuple[str, int]]:
-        # imported here: fastdino.data.dali loads DALI when it is installed (guarded: it also imports without it),
-        # and this loader needs only its plain-Python file scan
-        from fastdino.data.dali import scan_image_files
-
-        if isinstance(source, (str, Path)):
-            samples = find_images(source)[0]
-        else:
-            samples = [(str(path), int(label)) for path, label in getattr(source, "samples", source)]
-        if not samples:
-            raise DatasetError("the dataset holds no images")
-        rejected = scan_image_files([path for path, _ in samples], scan_cache, num_threads=self.num_threads)
-        if rejected:
-            self.num_rejected = len(rejected)
-            listing = "; ".join(f"{path} ({reason})" for path, reason in list(rejected.items())[:20])
-            more = f"; and {len(rejected) - 20} more" if len(rejected) > 20 else ""
-            logger.warning("GPU-decode loader: leaving out %d of %d image files that cannot be decoded: %s%s",
-                           len(rejected), len(samples), listing, more)
-            samples = [(path, label) for path, label in samples if path not in rejected]
-        if not samples:
-            raise DatasetError(f"none of the {len(rejected)} image files can be decoded")
-        return samples
 
     def __len__(self) -> int:
         return self._steps
