@@ -131,6 +131,8 @@ def bench_model(name: str, args, device: torch.device, ctx: DistributedContext, 
     rows, memory = [], {}
     warmup, reps = (0, 1) if args.smoke else (3, 10)
     for variant, overrides in VARIANTS.items():
+        if device.type == "cuda":
+            torch.cuda.empty_cache()  # the previous variant's trainer is gone: give its cached blocks back
         with tempfile.TemporaryDirectory() as out:
             config = load_config(None, model_overrides(name, args.smoke, args.batch, data, Path(out)) + overrides)
             trainer = Trainer(config, ctx)
@@ -145,8 +147,7 @@ def bench_model(name: str, args, device: torch.device, ctx: DistributedContext, 
                 times = time_calls(step, device, warmup, reps)
             except torch.OutOfMemoryError:
                 rows.append({"model": name, "variant": variant, "batch": args.batch, "error": "out of memory"})
-                del trainer
-                torch.cuda.empty_cache()
+                trainer = crops = None
                 continue
             times.sort()
             row = {"model": name, "variant": variant, "batch": args.batch, "sharded": is_sharded(trainer.student),
@@ -161,9 +162,7 @@ def bench_model(name: str, args, device: torch.device, ctx: DistributedContext, 
                 memory = {"parameters": parameters, "state_bytes": state,
                           "bytes_per_parameter": sum(state.values()) / parameters,
                           "root_unit_parameters": root_unit, "largest_block_parameters": largest_block}
-            del trainer
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+            trainer = crops = None  # free this variant before the next one is built
     single = next((r["step_ms"] for r in rows if r["variant"] == "single_device" and "step_ms" in r), None)
     for row in rows:
         if single and "step_ms" in row:

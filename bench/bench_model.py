@@ -50,6 +50,8 @@ def make_student(args, packed: bool, attention: str, efficient: bool, compile_bl
 
 def bench_variant(name: str, args, device: torch.device, crops: list[torch.Tensor], flops: int) -> dict:
     packed, attention, efficient, compile_blocks = VARIANTS[name]
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # the previous variant's network is gone: give its cached blocks back
     student = make_student(args, packed, attention, efficient, compile_blocks).to(device).train()
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
                 else contextlib.nullcontext())
@@ -68,10 +70,6 @@ def bench_variant(name: str, args, device: torch.device, crops: list[torch.Tenso
         ms = median_ms(step, device, args.warmup, args.reps)
     except torch.cuda.OutOfMemoryError:
         return dict(row, error="out of memory")
-    finally:
-        del student
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
     return dict(row, median_ms=ms, images_per_s=args.batch / ms * 1e3, peak_gib=peak_memory_gib(device),
                 model_tflops_per_s=flops / ms / 1e9)
 
