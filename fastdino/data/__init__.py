@@ -1,7 +1,7 @@
 """Data: image folders, the DINO multi-crop augmentation, the CPU loader.
 
-The DALI loader (fastdino.data.dali) is imported on its own, since it needs the optional DALI
-package; so is the demo dataset (fastdino.data.demo_dataset), which is also a command.
+The on-device loaders (fastdino.data.dali, fastdino.data.gpu_decode) are imported on their own, since DALI is an
+optional package; so is the demo dataset (fastdino.data.demo_dataset), which is also a command.
 """
 from fastdino.data.augment import IMAGENET_MEAN, IMAGENET_STD, DataAugmentationDINO
 from fastdino.data.datasets import IMAGE_EXTENSIONS, DatasetError, ImageFolderDataset, find_images
