@@ -44,6 +44,7 @@ from bench.common import (  # noqa: E402
 )
 from fastdino.config import load_config  # noqa: E402
 from fastdino.models import xformers_usable  # noqa: E402
+from fastdino.models.attention import torch_varlen_usable  # noqa: E402
 from fastdino.trainer import Trainer  # noqa: E402
 
 MODELS = {
@@ -75,7 +76,7 @@ def fastdino_settings(device: torch.device, compile_blocks: bool) -> dict:
     """Everything on that this device supports."""
     settings = {key: value for path in FAST_PATHS.values() for key, value in path.items()}
     settings["model.attention"] = "auto"
-    settings["fast.packed"] = xformers_usable() or device.type == "cpu"
+    settings["fast.packed"] = device.type == "cpu" or xformers_usable() or torch_varlen_usable(device.index or 0)
     settings["fast.compile"] = compile_blocks
     if device.type == "cpu":  # smoke: fp32 so that both contestants compute the same numbers
         settings["precision"] = "fp32"

@@ -35,6 +35,7 @@ from fastdino.distributed import (
 from fastdino.loss import DINOLoss
 from fastdino.metrics import MetricsLogger
 from fastdino.models import DINOHead, MultiCropWrapper, build_vit, xformers_usable
+from fastdino.models.attention import torch_varlen_usable
 from fastdino.optim import (
     build_optimizer,
     cancel_last_layer_gradients_,
@@ -97,7 +98,7 @@ def resolve_fast_paths(config: Config, device: torch.device) -> FastPaths:
     return FastPaths(
         fused_loss=_switch(fast.fused_loss, cuda),
         fused_ema=_switch(fast.fused_ema, cuda),
-        packed=_switch(fast.packed, cuda and xformers_usable()),
+        packed=_switch(fast.packed, cuda and (xformers_usable() or torch_varlen_usable(device.index or 0))),
         efficient_drop_path=_switch(fast.efficient_drop_path, cuda),
         fused_adamw=_switch(fast.fused_adamw, cuda),
         sync_free_clip=_switch(fast.sync_free_clip, True),
