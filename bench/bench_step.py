@@ -45,6 +45,7 @@ from bench.common import (  # noqa: E402
 from fastdino.config import load_config  # noqa: E402
 from fastdino.models import xformers_usable  # noqa: E402
 from fastdino.models.attention import torch_varlen_usable  # noqa: E402
+from fastdino.models.vit import ARCHITECTURES  # noqa: E402
 from fastdino.trainer import Trainer  # noqa: E402
 
 MODELS = {
@@ -113,12 +114,107 @@ class Contestant:
 
     def __init__(self, name: str, trainer: Trainer, crops: list[torch.Tensor], sync_every_step: bool):
         self.name, self.trainer, self.crops, self.sync_every_step = name, trainer, crops, sync_every_step
+        self.fast_paths = vars(trainer.fast)
         self.times: list[float] = []
 
     def step(self) -> float | None:
         output = self.trainer.train_step(self.crops, epoch=1)  # epoch 1: past the last-layer freeze
         self.trainer.step = 1  # stay at the same schedule position
         return output.loss.item() if self.sync_every_step else None
+
+
+class ReferenceRepoContestant:
+    """The reference's own modules, imported from a user's checkout of facebookresearch/dino (nothing of it is in
+    fastdino): its ViT, DINOHead, MultiCropWrapper, DINOLoss, parameter groups, clipping and last-layer cancelling,
+    stepped in the order of its train_one_epoch (fp16 autocast + GradScaler on CUDA, `loss.item()` every step,
+    per-parameter EMA loop). Starts from `start`'s weights and uses its schedules, so losses compare one to one."""
+
+    def __init__(self, repo: Path, start: Trainer, crops: list[torch.Tensor]):
+        import torch.distributed as dist
+        from torch import nn
+
+        sys.path.insert(0, str(repo))
+        import main_dino
+        import utils as reference_utils
+        import vision_transformer as reference_vits
+
+        self.owns_process_group = not dist.is_initialized()
+        if self.owns_process_group:  # its DINOLoss all-reduces the center
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+            dist.init_process_group("nccl" if crops[0].is_cuda else "gloo", rank=0, world_size=1)
+        config, device = start.config, start.device
+        self.name, self.crops, self.utils, self.config = "reference_repo", crops, reference_utils, config
+        self.fast_paths = {"reference_repo": str(repo)}
+        self.times: list[float] = []
+        self.lr, self.weight_decay = float(start.schedules.lr[1]), float(start.schedules.weight_decay[1])
+        self.momentum = float(start.schedules.momentum[1])
+        shape = dict(ARCHITECTURES[config.model.arch], **({"depth": config.model.depth} if config.model.depth else {}))
+
+        def network(drop_path_rate: float, norm_last_layer: bool):
+            backbone = reference_vits.VisionTransformer(
+                img_size=[config.data.global_crop_size], patch_size=config.model.patch_size, mlp_ratio=4,
+                qkv_bias=True, norm_layer=lambda dim: nn.LayerNorm(dim, eps=1e-6), drop_path_rate=drop_path_rate,
+                **shape)
+            head = reference_vits.DINOHead(
+                backbone.embed_dim, config.model.out_dim, norm_last_layer=norm_last_layer,
+                nlayers=config.model.head_nlayers, hidden_dim=config.model.head_hidden_dim,
+                bottleneck_dim=config.model.head_bottleneck_dim)
+            return reference_utils.MultiCropWrapper(backbone, head).to(device)
+
+        self.student = network(config.model.drop_path_rate, config.model.norm_last_layer)
+        self.teacher = network(0.0, True)
+        self.student.load_state_dict(start.student.state_dict())
+        self.teacher.load_state_dict(start.teacher.state_dict())
+        for param in self.teacher.parameters():
+            param.requires_grad = False
+        self.optimizer = torch.optim.AdamW(reference_utils.get_params_groups(self.student))
+        self.scaler = torch.amp.GradScaler("cuda") if device.type == "cuda" else None
+        self.loss = main_dino.DINOLoss(
+            config.model.out_dim, 2 + config.data.local_crops_number, config.dino.warmup_teacher_temp,
+            config.dino.teacher_temp, config.dino.warmup_teacher_temp_epochs, config.optim.epochs).to(device)
+
+    def step(self) -> float:
+        epoch, optim = 1, self.config.optim
+        for index, group in enumerate(self.optimizer.param_groups):
+            group["lr"] = self.lr
+            if index == 0:
+                group["weight_decay"] = self.weight_decay
+        with torch.autocast(self.crops[0].device.type, dtype=torch.float16, enabled=self.scaler is not None):
+            teacher_output = self.teacher(self.crops[:2])
+            student_output = self.student(self.crops)
+            loss = self.loss(student_output, teacher_output, epoch)
+        value = loss.item()
+        self.optimizer.zero_grad()
+        (loss if self.scaler is None else self.scaler.scale(loss)).backward()
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        self.utils.clip_gradients(self.student, optim.clip_grad)
+        self.utils.cancel_gradients_last_layer(epoch, self.student, optim.freeze_last_layer)
+        if self.scaler is None:
+            self.optimizer.step()
+        else:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        with torch.no_grad():
+            for student_param, teacher_param in zip(self.student.parameters(), self.teacher.parameters()):
+                teacher_param.data.mul_(self.momentum).add_((1 - self.momentum) * student_param.detach().data)
+        return value
+
+    def close(self) -> None:
+        """Leave no process group behind (the fastdino contestants run without one)."""
+        import torch.distributed as dist
+
+        if self.owns_process_group:
+            dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def summarize(contestant: Contestant, flops_per_image: int, batch: int, peak_tflops: float | None, memory) -> dict:
@@ -131,7 +227,7 @@ def summarize(contestant: Contestant, flops_per_image: int, batch: int, peak_tfl
         "step_ms_p90": times[(len(times) * 9) // 10],
         "images_per_s": batch * 1e3 / median,
         "peak_memory_gib": memory,
-        "fast_paths": vars(contestant.trainer.fast),
+        "fast_paths": contestant.fast_paths,
     }
     if peak_tflops:
         row["mfu"] = flops_per_image * batch / (median / 1e3) / (peak_tflops * 1e12)
@@ -165,15 +261,21 @@ def bench_model(name: str, args, device: torch.device, peak_tflops: float | None
     fast = make_trainer(base, {**reference_style, **fastdino_settings(device, args.compile)}, workdir / f"{name}-fast")
     fast.student.load_state_dict(reference.student.state_dict())
     fast.teacher.load_state_dict(reference.teacher.state_dict())
+    third = ReferenceRepoContestant(args.reference_repo, reference, crops) if args.reference_repo else None
     first_losses = (reference.train_step(crops, epoch=1).loss.item(), fast.train_step(crops, epoch=1).loss.item())
     results["first_step_loss"] = {"reference_style": first_losses[0], "fastdino": first_losses[1]}
     pair = [Contestant("reference_style", reference, crops, True), Contestant("fastdino", fast, crops, False)]
+    if third is not None:
+        results["first_step_loss"]["reference_repo"] = third.step()
+        pair.append(third)
     memory = run_contestants(pair, device, args.warmup, args.steps)
     rows = {c.name: summarize(c, flops, args.batch, peak_tflops, memory.get(c.name)) for c in pair}
     rows["fastdino"]["speedup_vs_reference_style"] = (
         rows["reference_style"]["step_ms_median"] / rows["fastdino"]["step_ms_median"])
     results["contestants"] = rows
-    del pair, reference, fast
+    if third is not None:
+        third.close()
+    del pair, reference, fast, third
     if args.ablation:
         results["ablation"] = []
         for path, settings in FAST_PATHS.items():
@@ -231,6 +333,8 @@ def parse_args(argv):
     parser.add_argument("--no-ablation", dest="ablation", action="store_false")
     parser.add_argument("--loader", action="store_true", help="also time the step fed by the real loader")
     parser.add_argument("--compile", action="store_true", help="fastdino contestant with torch.compile'd blocks")
+    parser.add_argument("--reference-repo", type=Path,
+                        help="a checkout of facebookresearch/dino: its own modules as a third contestant")
     parser.add_argument("override", nargs="*", help="extra config overrides for every contestant")
     args = parser.parse_args(argv)
     if args.smoke:
