@@ -22,11 +22,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
 from fastdino import checkpoint
+from fastdino.hub import backbone_state_dict
 from fastdino.distributed import DistributedContext, full_state_dict
 
 SHARDED_DIR = "checkpoint_dcp"
@@ -172,13 +172,7 @@ def export_teacher(trainer, path: str | Path | None = None, include_head: bool =
     weights = full_state_dict(trainer.teacher)
     if trainer.ctx.is_main:
         if not include_head:
-            weights = backbone_weights(weights)
+            weights = backbone_state_dict(weights)
         checkpoint.save_atomic(weights, path)
     trainer.ctx.barrier()
     return path
-
-
-def backbone_weights(wrapper_weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """`backbone.*` entries of a MultiCropWrapper state dict, with the prefix dropped."""
-    prefix = "backbone."
-    return {key[len(prefix):]: value for key, value in wrapper_weights.items() if key.startswith(prefix)}

@@ -33,6 +33,7 @@ from fastdino.distributed import (
     wrap_networks,
 )
 from fastdino.loss import DINOLoss
+from fastdino.hub import backbone_state_dict
 from fastdino.metrics import MetricsLogger
 from fastdino.models import DINOHead, MultiCropWrapper, build_vit, xformers_usable
 from fastdino.models.attention import torch_varlen_usable
@@ -370,7 +371,9 @@ class Trainer:
         interrupted there; the next Trainer on the same output_dir resumes from the last checkpoint)."""
         config = self.config
         steps_per_epoch = len(self.loader)
-        total = self.schedules.total_steps if stop_after_steps is None else min(stop_after_steps, self.schedules.total_steps)
+        total = self.schedules.total_steps
+        if stop_after_steps is not None:
+            total = min(stop_after_steps, total)
         batch = config.data.batch_size_per_gpu * self.ctx.world_size
         progress = tqdm(total=total, initial=self.step, disable=not self.ctx.is_main, unit="step", dynamic_ncols=True)
         loss_sum = torch.zeros((), device=self.device)
@@ -384,9 +387,9 @@ class Trainer:
                 loss_sum += output.loss.detach()
                 window_steps += 1
                 progress.update(1)
-                if monitors:
-                    last_row["teacher_entropy"] = output.teacher_entropy.item()
-                    last_row["teacher_student_kl"] = output.teacher_student_kl.item()
+                if monitors:  # one read-back for both numbers
+                    entropy, kl = torch.stack([output.teacher_entropy, output.teacher_student_kl]).tolist()
+                    last_row.update(teacher_entropy=entropy, teacher_student_kl=kl)
                 at_epoch_end = self.step % steps_per_epoch == 0
                 at_checkpoint = at_epoch_end or (config.checkpoint_every and self.step % config.checkpoint_every == 0)
                 if self.step % config.log_every == 0 or at_checkpoint or self.step == total:
@@ -455,10 +458,10 @@ class Trainer:
         every rank must call it, and only rank 0's copy holds the weights."""
         if not is_sharded(self.teacher):
             return self.teacher.backbone
-        weights = sharded_checkpoint.backbone_weights(full_state_dict(self.teacher))
+        weights = full_state_dict(self.teacher)  # collective; only rank 0 receives the tensors
         backbone = build_backbone(self.config, 0.0)
         if self.ctx.is_main:
-            backbone.load_state_dict(weights)
+            backbone.load_state_dict(backbone_state_dict(weights))
         return backbone.to(self.device)
 
 
