@@ -12,28 +12,24 @@ import argparse
 import logging
 import sys
 
-from fastdino.config import ConfigError, load_config
-from fastdino.data.datasets import DatasetError, find_images
+from fastdino.config import CheckedArgumentParser, load_config
+from fastdino.errors import report_usage_errors
+from fastdino.preflight import check_runnable
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = CheckedArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML recipe under configs/ (defaults: the reference main_dino.py's)")
     parser.add_argument("overrides", nargs="*", help="key=value settings, e.g. optim.lr=0.001 data.path=/data")
     return parser.parse_args(argv)
 
 
+@report_usage_errors
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     args = parse_args(argv)
-    try:
-        config = load_config(args.config, args.overrides)
-        if not config.data.path:
-            raise ConfigError("data.path is not set: pass data.path=/path/to/images")
-        find_images(config.data.path)  # a missing or empty dataset fails here, before anything heavy starts
-    except (ConfigError, DatasetError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    config = load_config(args.config, args.overrides)
+    check_runnable(config)  # before the trainer is imported and the output folder exists: bad settings cost seconds
 
     from fastdino.distributed import init_distributed, shutdown_distributed
     from fastdino.report import final_report

@@ -23,6 +23,7 @@ from bench.common import (  # noqa: E402
     bench_device, bench_parser, dtype_name, median_ms, new_report, peak_memory_gib, print_rows, relative_error,
     reset_peak_memory, write_report,
 )
+from fastdino.errors import report_usage_errors  # noqa: E402
 from fastdino.models.attention import dense_attention, packed_attention, xformers_usable  # noqa: E402
 
 
@@ -101,6 +102,7 @@ def bench_multicrop(device, dtype, smoke, warmup, reps) -> list[dict]:
     return rows
 
 
+@report_usage_errors
 def main(argv: list[str] | None = None) -> dict:
     args = bench_parser(__doc__, "tiny sizes on the CPU (seconds)").parse_args(argv)
     device = bench_device(args.smoke)

@@ -25,9 +25,11 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from bench.common import bench_parser, dtype_name, new_report, synchronize, write_jpegs, write_report  # noqa: E402
+from fastdino.config import RULES, existing_folder, non_negative, positive  # noqa: E402
 from fastdino.data.augment import DataAugmentationDINO  # noqa: E402
 from fastdino.data.datasets import ImageFolderDataset  # noqa: E402
 from fastdino.data.torch_loader import MultiCropLoader  # noqa: E402
+from fastdino.errors import report_usage_errors  # noqa: E402
 
 
 def time_loader(epoch_batches, device: torch.device, warmup_steps: int, steps: int) -> dict:
@@ -53,8 +55,14 @@ def time_loader(epoch_batches, device: torch.device, warmup_steps: int, steps: i
     return dict(images_per_s=images / elapsed, images=images, seconds=elapsed)
 
 
+@report_usage_errors
 def main(argv: list[str] | None = None) -> dict:
-    parser = bench_parser(__doc__, "tiny run: 16 images, 2+2 small crops (seconds)")
+    rules = {"--num-images": positive, "--batch-size": RULES["data.batch_size_per_gpu"],
+             "--local-crops": RULES["data.local_crops_number"], "--global-size": RULES["data.global_crop_size"],
+             "--local-size": RULES["data.local_crop_size"], "--workers": RULES["data.num_workers"],
+             "--threads": positive, "--steps": positive, "--warmup": non_negative, "--image-size": positive,
+             "--data": existing_folder}
+    parser = bench_parser(__doc__, "tiny run: 16 images, 2+2 small crops (seconds)", rules)
     parser.add_argument("--num-images", type=int, default=2000)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--local-crops", type=int, default=10)

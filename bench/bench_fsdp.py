@@ -33,10 +33,11 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from bench.common import (  # noqa: E402
-    bench_device, bench_parser, new_report, peak_memory_gib, print_rows, reset_peak_memory, time_calls, write_jpegs,
-    write_report,
+    bench_device, bench_parser, names_from, new_report, peak_memory_gib, print_rows, reset_peak_memory, time_calls,
+    write_jpegs, write_report,
 )
-from fastdino.config import load_config  # noqa: E402
+from fastdino.config import RULES, load_config  # noqa: E402
+from fastdino.errors import UsageError, report_usage_errors  # noqa: E402
 from fastdino.distributed import DistributedContext, is_sharded, local_tensor  # noqa: E402
 from fastdino.trainer import Trainer  # noqa: E402
 
@@ -173,15 +174,17 @@ def bench_model(name: str, args, device: torch.device, ctx: DistributedContext, 
     return rows, memory
 
 
+@report_usage_errors
 def main(argv: list[str] | None = None) -> dict:
-    parser = bench_parser(__doc__, "CPU, gloo, world size 1, tiny ViT: checks the plumbing in seconds")
+    rules = {"--models": names_from(MODELS), "--batch": RULES["data.batch_size_per_gpu"]}
+    parser = bench_parser(__doc__, "CPU, gloo, world size 1, tiny ViT: checks the plumbing in seconds", rules)
     parser.add_argument("--models", default="vit_small_p16,vit_base_p8")
     parser.add_argument("--batch", type=int, default=None, help="images per GPU (default 64; smoke 2)")
     args = parser.parse_args(argv)
     args.batch = args.batch or (2 if args.smoke else 64)
     device = bench_device(args.smoke)
     if dist.is_initialized():
-        raise SystemExit("run bench_fsdp.py as a plain process (it starts its own world of one)")
+        raise UsageError("run bench_fsdp.py as a plain process (it starts its own world of one)")
     ctx = start_world_of_one(device)
     report = new_report("fsdp", device, args.smoke)
     report.update(batch_per_gpu=args.batch, results=[], memory={})

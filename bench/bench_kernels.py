@@ -32,6 +32,7 @@ from bench.common import (  # noqa: E402
     bench_device, bench_parser, copy_bandwidth_gbs, dtype_name, median_ms, new_report, peak_bandwidth_bytes_per_s,
     print_rows, relative_error, write_report,
 )
+from fastdino.errors import report_usage_errors  # noqa: E402
 
 VIT_DIMS = {"vit_small_p8": (384, 12), "vit_base_p8": (768, 12)}  # embed_dim, depth; ViT-B/8 and ViT-S/8 recipes
 PATCH, IMG_TOKENS = 8, (224 // 8) ** 2 + 1
@@ -137,6 +138,7 @@ def _row(what, variant, dtype, ms, reference_ms, floor_bytes, peak, extra) -> di
     return row
 
 
+@report_usage_errors
 def main(argv: list[str] | None = None) -> dict:
     args = bench_parser(__doc__, "tiny sizes on CPU under the Triton interpreter").parse_args(argv)
     if args.smoke:

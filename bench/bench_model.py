@@ -29,6 +29,8 @@ from bench.common import (  # noqa: E402
     bench_device, bench_parser, crop_flops, matmul_tflops, median_ms, new_report, peak_memory_gib, print_rows,
     reset_peak_memory, write_report,
 )
+from fastdino.config import RULES, positive  # noqa: E402
+from fastdino.errors import report_usage_errors  # noqa: E402
 from fastdino.models import DINOHead, MultiCropWrapper, build_vit  # noqa: E402
 
 VARIANTS = {  # name: (packed, attention, efficient drop path, compile)
@@ -75,7 +77,9 @@ def bench_variant(name: str, args, device: torch.device, crops: list[torch.Tenso
 
 
 def parse_args(argv):
-    parser = bench_parser(__doc__, "tiny ViT and crops on the CPU (seconds)")
+    rules = {"--arch": RULES["model.arch"], "--patch-size": RULES["model.patch_size"], "--batch": positive,
+             "--local-crops": RULES["data.local_crops_number"]}
+    parser = bench_parser(__doc__, "tiny ViT and crops on the CPU (seconds)", rules)
     parser.add_argument("--arch", default="vit_small")
     parser.add_argument("--patch-size", type=int, default=8)
     parser.add_argument("--batch", type=int, default=64)
@@ -94,6 +98,7 @@ def parse_args(argv):
     return args
 
 
+@report_usage_errors
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     device = bench_device(args.smoke)

@@ -39,10 +39,11 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from bench.common import (  # noqa: E402
-    bench_device, bench_parser, crop_flops, matmul_tflops, new_report, peak_memory_gib, reset_peak_memory, synchronize,
-    time_calls, write_jpegs, write_report,
+    bench_device, bench_parser, crop_flops, matmul_tflops, names_from, new_report, peak_memory_gib, reset_peak_memory,
+    synchronize, time_calls, write_jpegs, write_report,
 )
-from fastdino.config import load_config  # noqa: E402
+from fastdino.config import RULES, existing_folder, load_config, non_negative, positive  # noqa: E402
+from fastdino.errors import report_usage_errors  # noqa: E402
 from fastdino.models import xformers_usable  # noqa: E402
 from fastdino.models.attention import torch_varlen_usable  # noqa: E402
 from fastdino.models.vit import ARCHITECTURES  # noqa: E402
@@ -323,7 +324,10 @@ def bench_with_loader(base: list[str], args, device: torch.device, workdir: Path
 
 
 def parse_args(argv):
-    parser = bench_parser(__doc__, "tiny ViT on the CPU, Triton interpreter (seconds)")
+    rules = {"--models": names_from(MODELS), "--batch": RULES["data.batch_size_per_gpu"],
+             "--local-crops": RULES["data.local_crops_number"], "--steps": positive, "--warmup": non_negative,
+             "--workers": RULES["data.num_workers"], "--reference-repo": existing_folder}
+    parser = bench_parser(__doc__, "tiny ViT on the CPU, Triton interpreter (seconds)", rules)
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--local-crops", type=int, default=10)
@@ -346,6 +350,7 @@ def parse_args(argv):
     return args
 
 
+@report_usage_errors
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     device = bench_device(args.smoke)

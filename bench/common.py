@@ -14,12 +14,15 @@ import re
 import statistics
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
+
+from fastdino.config import CheckedArgumentParser, Rule
+from fastdino.errors import UsageError
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results"
@@ -67,9 +70,22 @@ def new_report(name: str, device: torch.device, smoke: bool) -> dict:
     return dict(benchmark=name, smoke=smoke, **environment(device))
 
 
-def bench_parser(description: str, smoke_help: str) -> argparse.ArgumentParser:
-    """The two options every benchmark has: --smoke (CPU, tiny sizes, seconds) and --out."""
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+# --out: a JSON file to write, or a folder to write into
+OUT_RULE = Rule("must be an existing folder or a .json file", lambda path: path.is_dir() or path.suffix == ".json")
+
+
+def names_from(options: Collection[str]) -> Rule:
+    """A comma-separated list of some of `options` (e.g. --models vit_small_p16,vit_base_p8)."""
+    return Rule(f"must be a comma-separated list of {', '.join(options)}",
+                lambda text: all(name in options for name in text.split(",")))
+
+
+def bench_parser(description: str, smoke_help: str, rules: Mapping[str, Rule] | None = None) -> CheckedArgumentParser:
+    """The two options every benchmark has: --smoke (CPU, tiny sizes, seconds) and --out. `rules` (option -> Rule)
+    checks the script's own options as they are parsed: with `report_usage_errors` on the script's main, a bad one
+    is one line and exit code 2."""
+    parser = CheckedArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                   rules={"--out": OUT_RULE, **(rules or {})})
     parser.add_argument("--smoke", action="store_true", help=smoke_help)
     parser.add_argument("--out", type=Path, help="JSON file or existing folder (default for GPU runs: bench/results/)")
     return parser
@@ -80,7 +96,7 @@ def bench_device(smoke: bool) -> torch.device:
     if smoke:
         return torch.device("cpu")
     if not torch.cuda.is_available():
-        raise SystemExit("no CUDA device: run with --smoke for the CPU check")
+        raise UsageError("no CUDA device: run with --smoke for the CPU check")
     return torch.device("cuda")
 
 

@@ -1,24 +1,32 @@
 """Every training setting as a dataclass, loaded from YAML and overridden with `key=value` strings.
 
 Defaults are those of the reference `main_dino.py`; recipe files under `configs/` set the paper's values.
-Validation happens here, before anything heavy starts: an unknown key names the valid ones, a wrong type
-names the expected one.
+Every value is checked as it is set, before anything heavy starts: its type (from the dataclass annotation), its
+range or choices (`RULES`, one rule per key), then the consistency between keys (`validate`). A bad setting is
+one `ConfigError` line, `key=value: what is allowed`; an unknown key suggests the closest valid one. What the
+machine must provide (a GPU, a library, the data folders) is checked by `fastdino.preflight`.
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import difflib
+import math
 import types
 import typing
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union
 
 import yaml
 
+from fastdino.errors import UsageError
+
 Switch = Union[bool, str]  # True, False or "auto" (on where the device supports it)
 
 
-class ConfigError(ValueError):
+class ConfigError(UsageError, ValueError):
     """A configuration file or override that cannot be used; the message says how to fix it."""
 
 
@@ -122,65 +130,177 @@ class Config:
     monitor_every: int = 50  # steps between collapse monitors (teacher entropy, KL)
     checkpoint_every: int = 0  # steps between checkpoints; 0: epoch ends only
     saveckp_freq: int = 20  # keep a numbered copy every this many epochs; 0 disables
+    resume: bool = True  # continue the run in output_dir; false: start over there (its files are moved aside)
 
 
-_CHOICES = {
-    "model.arch": ("vit_tiny", "vit_small", "vit_base"),
-    "model.attention": ("auto", "xformers", "sdpa", "math"),
-    "data.loader": ("auto", "dali", "gpu_decode", "torch"),
-    "optim.optimizer": ("adamw", "sgd"),
-    "distributed.strategy": ("auto", "fsdp", "ddp", "none"),
-    "device": ("auto", "cuda", "cpu"),
-    "precision": ("auto", "bf16", "fp16", "fp32"),
+def show(value: Any) -> str:
+    """A value as it is typed in a `key=value` override (true, null, [0.4, 1.0], '' for the empty string)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return "null"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(show(item) for item in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{key}: {show(item)}" for key, item in value.items()) + "}"
+    return "''" if value == "" else str(value)
+
+
+@dataclass(frozen=True)
+class Rule:
+    """What one value must satisfy: `allows` decides, `allowed` says it in words (the tail of the message)."""
+
+    allowed: str
+    allows: Callable[[Any], bool]
+
+    def problem(self, name: str, value: Any) -> str | None:
+        """`name=value: allowed` when `value` breaks the rule, else None."""
+        return None if self.allows(value) else f"{name}={show(value)}: {self.allowed}"
+
+
+def between(low: float, high: float, *, high_open: bool = False, low_open: bool = False) -> Rule:
+    """low <= value <= high; an open end excludes that bound."""
+
+    def allows(value: float) -> bool:
+        return (low < value if low_open else low <= value) and (value < high if high_open else value <= high)
+
+    return Rule(f"must be in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}", allows)
+
+
+def choices(*options: str) -> Rule:
+    """One of `options`, spelt exactly."""
+    return Rule(f"must be one of {', '.join(options)}", lambda value: value in options)
+
+
+def optional(rule: Rule, meaning: str) -> Rule:
+    """`rule`, or null standing for `meaning`."""
+    return Rule(f"{rule.allowed}, or null ({meaning})", lambda value: value is None or rule.allows(value))
+
+
+def zero_means(meaning: str) -> Rule:
+    """>= 0, where 0 has a meaning of its own that the message says."""
+    return Rule(f"must be >= 0 (0: {meaning})", lambda value: value >= 0)
+
+
+positive = Rule("must be > 0", lambda value: value > 0)
+non_negative = Rule("must be >= 0", lambda value: value >= 0)
+zero_is_off = zero_means("off")
+unit_interval = between(0, 1)
+area_fractions = Rule("must be [low, high] area fractions with 0 < low <= high <= 1",
+                      lambda value: 0 < value[0] <= value[1] <= 1)
+existing_folder = Rule("must be an existing folder", lambda value: Path(value).expanduser().is_dir())
+existing_file = Rule("must be an existing file", lambda value: Path(value).expanduser().is_file())
+existing_path = Rule("must be an existing file or folder", lambda value: Path(value).expanduser().exists())
+not_a_file = Rule("must be a folder (created if missing), not a file",
+                  lambda value: not Path(value).expanduser().is_file())
+
+# One rule per key, checked whenever the key is set (after its type); keys absent here are checked for type only.
+RULES: dict[str, Rule] = {
+    "model.arch": choices("vit_tiny", "vit_small", "vit_base"),
+    "model.patch_size": positive,
+    "model.depth": optional(positive, "the architecture's own depth"),
+    "model.out_dim": positive,
+    "model.head_hidden_dim": positive,
+    "model.head_bottleneck_dim": positive,
+    "model.head_nlayers": positive,
+    "model.drop_path_rate": between(0, 1, high_open=True),
+    "model.attention": choices("auto", "xformers", "sdpa", "math"),
+    "data.loader": choices("auto", "dali", "gpu_decode", "torch"),
+    "data.global_crops_scale": area_fractions,
+    "data.local_crops_scale": area_fractions,
+    "data.local_crops_number": non_negative,
+    "data.global_crop_size": positive,
+    "data.local_crop_size": positive,
+    "data.batch_size_per_gpu": positive,
+    "data.num_workers": zero_means("load in the training process"),
+    "optim.optimizer": choices("adamw", "sgd"),
+    "optim.lr": positive,
+    "optim.min_lr": non_negative,
+    "optim.warmup_epochs": non_negative,
+    "optim.weight_decay": non_negative,
+    "optim.weight_decay_end": non_negative,
+    "optim.clip_grad": zero_is_off,
+    "optim.freeze_last_layer": non_negative,
+    "optim.epochs": positive,
+    "dino.momentum_teacher": unit_interval,
+    "dino.warmup_teacher_temp": positive,
+    "dino.teacher_temp": positive,
+    "dino.warmup_teacher_temp_epochs": non_negative,
+    "dino.student_temp": positive,
+    "dino.center_momentum": unit_interval,
+    "eval.knn_every_epochs": zero_is_off,
+    "eval.knn_k": positive,
+    "eval.knn_temperature": positive,
+    "eval.image_size": positive,
+    "eval.attention_images": zero_is_off,
+    "eval.attention_image_size": positive,
+    "distributed.strategy": choices("auto", "fsdp", "ddp", "none"),
+    "seed": non_negative,
+    "device": choices("auto", "cuda", "cpu"),
+    "precision": choices("auto", "bf16", "fp16", "fp32"),
+    "log_every": positive,
+    "monitor_every": zero_is_off,
+    "checkpoint_every": zero_means("at epoch ends only"),
+    "saveckp_freq": zero_is_off,
 }
 
+_INVALID = object()  # what `_convert` returns for a value of the wrong type
 
-def _coerce(value: Any, annotation: Any, key: str) -> Any:
-    """Return `value` as the type `annotation` describes, or raise ConfigError naming the key."""
+
+def _convert(value: Any, annotation: Any) -> Any:
+    """`value` as the type `annotation` describes, or _INVALID."""
     if annotation == Switch:
-        if value in (True, False, "auto"):
-            return value
-        raise ConfigError(f"{key}: expected true, false or auto, got {value!r}")
+        return value if isinstance(value, bool) or value == "auto" else _INVALID
     origin = typing.get_origin(annotation)
     if origin in (Union, types.UnionType):
-        options = [option for option in typing.get_args(annotation) if option is not type(None)]
-        if value is None and len(options) < len(typing.get_args(annotation)):
+        if value is None and type(None) in typing.get_args(annotation):
             return None
-        for option in options:
-            try:
-                return _coerce(value, option, key)
-            except ConfigError:
-                pass
-        raise ConfigError(f"{key}: {value!r} is not a valid {' or '.join(o.__name__ for o in options)}")
+        for option in typing.get_args(annotation):
+            if option is not type(None) and (converted := _convert(value, option)) is not _INVALID:
+                return converted
+        return _INVALID
     if origin is tuple:
         item_types = typing.get_args(annotation)
         if not isinstance(value, (list, tuple)) or len(value) != len(item_types):
-            raise ConfigError(f"{key}: expected a list of {len(item_types)} numbers, got {value!r}")
-        return tuple(_coerce(v, t, key) for v, t in zip(value, item_types))
+            return _INVALID
+        items = tuple(_convert(item, item_type) for item, item_type in zip(value, item_types))
+        return _INVALID if any(item is _INVALID for item in items) else items
     if annotation is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value if isinstance(value, bool) else _INVALID
     if annotation is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value if isinstance(value, int) and not isinstance(value, bool) else _INVALID
     if annotation is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return _finite_float(value)
     if annotation is str:
         if isinstance(value, str):
             return value
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return str(value)
-        raise ConfigError(f"{key}: expected a string, got {value!r}")
-    raise ConfigError(f"{key}: unsupported type {annotation}")
+        return str(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else _INVALID
+    raise TypeError(f"config annotation {annotation} has no conversion")
+
+
+def _finite_float(value: Any) -> Any:
+    if isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
+        try:
+            value = float(value)
+        except ValueError:
+            return _INVALID
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return _INVALID
+    return float(value)
+
+
+def _expected(annotation: Any) -> str:
+    """The type `annotation` describes, in words."""
+    if annotation == Switch:
+        return "true, false or auto"
+    origin = typing.get_origin(annotation)
+    if origin in (Union, types.UnionType):
+        options = typing.get_args(annotation)
+        words = " or ".join(_expected(option) for option in options if option is not type(None))
+        return f"{words} or null" if type(None) in options else words
+    if origin is tuple:
+        return f"a list of {len(typing.get_args(annotation))} numbers"
+    return {bool: "true or false", int: "an integer", float: "a finite number", str: "a string"}[annotation]
 
 
 def _valid_keys(obj: Any, prefix: str = "") -> list[str]:
@@ -194,30 +314,70 @@ def _valid_keys(obj: Any, prefix: str = "") -> list[str]:
     return keys
 
 
+def _unknown_key(dotted_key: str) -> ConfigError:
+    """A suggestion: the closest key of the same section, else the same name in another section, else the closest
+    whole key (a misspelt section); with nothing close, the section's keys (or the sections) are listed."""
+    keys = _valid_keys(Config())
+    section, _, name = dotted_key.rpartition(".")
+    in_section = {key.rpartition(".")[2]: key for key in keys if key.rpartition(".")[0] == section}
+    anywhere = {key.rpartition(".")[2]: key for key in keys}
+    if close := difflib.get_close_matches(name, list(in_section), n=1):
+        return ConfigError(f"unknown config key '{dotted_key}': did you mean '{in_section[close[0]]}'?")
+    if close := difflib.get_close_matches(name, list(anywhere), n=1, cutoff=0.8):
+        return ConfigError(f"unknown config key '{dotted_key}': did you mean '{anywhere[close[0]]}'?")
+    if not in_section and (close := difflib.get_close_matches(dotted_key, keys, n=1)):
+        return ConfigError(f"unknown config key '{dotted_key}': did you mean '{close[0]}'?")
+    if section and in_section:
+        return ConfigError(f"unknown config key '{dotted_key}': the keys of {section} are "
+                           f"{', '.join(in_section.values())}")
+    top = dict.fromkeys(key.split(".")[0] + (".*" if "." in key else "") for key in keys)
+    return ConfigError(f"unknown config key '{dotted_key}': valid keys are {', '.join(top)}")
+
+
+def get_value(config: Config, dotted_key: str) -> Any:
+    """`config.<dotted_key>`, e.g. get_value(config, "optim.lr")."""
+    value: Any = config
+    for name in dotted_key.split("."):
+        value = getattr(value, name)
+    return value
+
+
+def _enforce(rule: Rule, key: str, value: Any) -> None:
+    if problem := rule.problem(key, value):
+        raise ConfigError(problem)
+
+
 def set_value(config: Config, dotted_key: str, value: Any) -> None:
-    """Set `config.<dotted_key>` to `value`, checking that the key exists and the type fits."""
+    """Set `config.<dotted_key>` to `value` after checking that the key exists, the type fits and its rule holds."""
     target: Any = config
     parts = dotted_key.split(".")
     for depth, name in enumerate(parts):
         if not dataclasses.is_dataclass(target) or name not in {f.name for f in dataclasses.fields(target)}:
-            raise ConfigError(
-                f"unknown config key '{dotted_key}'. Valid keys: {', '.join(_valid_keys(config))}"
-            )
+            raise _unknown_key(dotted_key)
         if depth < len(parts) - 1:
             target = getattr(target, name)
     name = parts[-1]
-    current = getattr(target, name)
-    if dataclasses.is_dataclass(current):
+    if dataclasses.is_dataclass(getattr(target, name)):
         if not isinstance(value, dict):
-            raise ConfigError(f"{dotted_key}: expected a mapping of its fields, got {value!r}")
+            raise ConfigError(f"{dotted_key}={show(value)}: expected a mapping of its keys "
+                              f"(e.g. {dotted_key}: {{key: value}} in a file, {dotted_key}.key=value as an override)")
         for sub_key, sub_value in value.items():
             set_value(config, f"{dotted_key}.{sub_key}", sub_value)
         return
-    hints = typing.get_type_hints(type(target))
-    coerced = _coerce(value, hints[name], dotted_key)
-    if dotted_key in _CHOICES and coerced not in _CHOICES[dotted_key]:
-        raise ConfigError(f"{dotted_key}: {coerced!r} is not one of {', '.join(_CHOICES[dotted_key])}")
-    setattr(target, name, coerced)
+    annotation = typing.get_type_hints(type(target))[name]
+    converted = _convert(value, annotation)
+    if converted is _INVALID:
+        raise ConfigError(f"{dotted_key}={show(value)}: expected {_expected(annotation)}")
+    if dotted_key in RULES:
+        _enforce(RULES[dotted_key], dotted_key, converted)
+    setattr(target, name, converted)
+
+
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    """One line out of a YAML error (whose own text spans several): what is wrong, and where."""
+    problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+    mark = getattr(error, "problem_mark", None)
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark else problem
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -228,46 +388,67 @@ def parse_override(text: str) -> tuple[str, Any]:
     try:
         value = yaml.safe_load(raw) if raw != "" else ""
     except yaml.YAMLError as error:
-        raise ConfigError(f"override '{text}': cannot read the value: {error}") from None
+        raise ConfigError(f"{text}: the value is not valid YAML ({_yaml_problem(error)})") from None
     return key.strip(), value
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+def _read_config_file(path: Path) -> dict[str, Any]:
+    """The mapping a YAML recipe holds; ConfigError for a missing, unreadable or malformed file."""
+    if not path.is_file():
+        raise ConfigError(f"config file {path} {'is not a file' if path.exists() else 'does not exist'}")
+    try:
+        content = yaml.safe_load(path.read_text())
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError(f"config file {path} cannot be read: {error}") from None
+    except yaml.YAMLError as error:
+        raise ConfigError(f"config file {path} is not valid YAML: {_yaml_problem(error)}") from None
+    if content is None:
+        return {}
+    if not isinstance(content, dict):
+        kind = {list: "a list", str: "a single string"}.get(type(content), f"a single {type(content).__name__}")
+        raise ConfigError(f"config file {path} holds {kind}, not a mapping of settings (section: {{key: value}})")
+    return content
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
     """Defaults, then the YAML file (if any), then the `key=value` overrides, in that order."""
     config = Config()
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        content = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(content, dict):
-            raise ConfigError(f"config file {path} must hold a mapping of settings")
-        for key, value in content.items():
-            set_value(config, key, value)
+        for key, value in _read_config_file(Path(path)).items():
+            set_value(config, str(key), value)
     for text in overrides:
         set_value(config, *parse_override(text))
     validate(config)
     return config
 
 
+def knn_requested_by(config: Config) -> str:
+    """The setting that asks for a kNN evaluation (`eval.final_knn=true` or `eval.knn_every_epochs=N`), or ""."""
+    if config.eval.final_knn:
+        return "eval.final_knn=true"
+    if config.eval.knn_every_epochs:
+        return f"eval.knn_every_epochs={config.eval.knn_every_epochs}"
+    return ""
+
+
 def validate(config: Config) -> None:
-    """Cross-field checks that a single field's type cannot express."""
-    data, optim = config.data, config.optim
-    for name in ("global_crops_scale", "local_crops_scale"):
-        low, high = getattr(data, name)
-        if not 0 < low <= high <= 1:
-            raise ConfigError(f"data.{name}: need 0 < low <= high <= 1, got ({low}, {high})")
-    for name in ("global_crop_size", "local_crop_size"):
-        if getattr(data, name) % config.model.patch_size:
-            raise ConfigError(f"data.{name} must be a multiple of model.patch_size ({config.model.patch_size})")
-    if data.batch_size_per_gpu < 1 or data.local_crops_number < 0 or data.num_workers < 0:
-        raise ConfigError("data.batch_size_per_gpu must be >= 1, local_crops_number and num_workers >= 0")
-    if optim.epochs < 1 or optim.warmup_epochs > optim.epochs:
-        raise ConfigError(f"optim.epochs ({optim.epochs}) must be >= 1 and >= optim.warmup_epochs")
-    if config.dino.warmup_teacher_temp_epochs > optim.epochs:
-        raise ConfigError("dino.warmup_teacher_temp_epochs cannot exceed optim.epochs")
-    if config.eval.final_knn and not (config.eval.knn_train_path and config.eval.knn_val_path):
-        raise ConfigError("eval.final_knn needs eval.knn_train_path and eval.knn_val_path")
+    """Consistency between keys, which no single key's rule can express; the message names both keys."""
+    patch = config.model.patch_size
+    multiple_of_patch = Rule(f"must be a multiple of model.patch_size ({patch})", lambda value: value % patch == 0)
+    knn = knn_requested_by(config)
+    for key in ("data.global_crop_size", "data.local_crop_size", *(("eval.image_size",) if knn else ())):
+        _enforce(multiple_of_patch, key, get_value(config, key))
+    if config.eval.attention_images:
+        _enforce(Rule(f"must be >= model.patch_size ({patch})", lambda value: value >= patch),
+                 "eval.attention_image_size", config.eval.attention_image_size)
+    epochs = config.optim.epochs
+    within_epochs = Rule(f"must be <= optim.epochs ({epochs})", lambda value: value <= epochs)
+    for key in ("optim.warmup_epochs", "optim.freeze_last_layer", "dino.warmup_teacher_temp_epochs"):
+        _enforce(within_epochs, key, get_value(config, key))
+    if knn:
+        for key in ("eval.knn_train_path", "eval.knn_val_path"):
+            _enforce(Rule(f"must name a folder of class folders ({knn} evaluates on it)", bool), key,
+                     get_value(config, key))
 
 
 def config_to_dict(config: Config) -> dict[str, Any]:
@@ -282,3 +463,25 @@ def config_from_dict(content: dict[str, Any]) -> Config:
         set_value(config, key, value)
     validate(config)
     return config
+
+
+class CheckedArgumentParser(argparse.ArgumentParser):
+    """The commands' argument parser: parsed options are checked against `rules` (option -> Rule, e.g.
+    `{"--batch-size": positive}`; list values item by item; None, an option not given, passes), and every
+    error, argparse's own included, is a UsageError: one line and exit code 2 under `report_usage_errors`."""
+
+    def __init__(self, *args: Any, rules: Mapping[str, Rule] | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.rules = dict(rules or {})
+
+    def parse_known_args(self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None):
+        options, extras = super().parse_known_args(args, namespace)
+        for option, rule in self.rules.items():
+            value = getattr(options, option.lstrip("-").replace("-", "_"))
+            for item in value if isinstance(value, (list, tuple)) else [value]:
+                if item is not None and (problem := rule.problem(option, item)):
+                    raise UsageError(problem)
+        return options, extras
+
+    def error(self, message: str) -> typing.NoReturn:
+        raise UsageError(f"{message} (see --help)")

@@ -90,7 +90,7 @@ def test_save_attention_maps_writes_the_pictures(tmp_path):
         assert picture.size == (56, 40)
 
 
-def test_command_line_draws_every_image_of_a_folder(tmp_path):
+def test_command_line_draws_every_image_of_a_folder(tmp_path, capsys):
     for folder, name in (("x", "one"), ("y", "one")):  # a repeated file name must not overwrite
         (tmp_path / "images" / folder).mkdir(parents=True, exist_ok=True)
         Image.new("RGB", (24, 20), (10, 80, 160)).save(tmp_path / "images" / folder / f"{name}.png")
@@ -102,9 +102,12 @@ def test_command_line_draws_every_image_of_a_folder(tmp_path):
     overviews = sorted(path.name for path in written if path.name.endswith("overview.png"))
     assert overviews == ["one-2-overview.png", "one-overview.png"]
     assert all(path.is_file() for path in written)
-    with pytest.raises(FileNotFoundError, match="nowhere"):
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stop:  # a missing --image is a usage error: one line, exit code 2
         main(["--checkpoint", str(checkpoint), "--arch", "vit_tiny", "--patch-size", "8", "--image",
               str(tmp_path / "nowhere"), "--device", "cpu"])
+    assert stop.value.code == 2
+    assert capsys.readouterr().err == f"error: --image={tmp_path / 'nowhere'}: must be an existing file or folder\n"
 
 
 def test_mask_overlay_tints_exactly_the_kept_patches(tmp_path):

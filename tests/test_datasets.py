@@ -1,6 +1,9 @@
 """Image folder discovery, robust decoding, and the bundled demo dataset."""
 import io
 import logging
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +12,8 @@ from PIL import Image
 
 from fastdino.data import IMAGE_EXTENSIONS, DatasetError, ImageFolderDataset, find_images
 from fastdino.data.demo_dataset import demo_attention_images, materialize_demo_dataset
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _write_image(path: Path, color=(200, 30, 60), size=(12, 10), mode="RGB", fmt=None) -> Path:
@@ -92,11 +97,46 @@ def test_corrupt_files_are_skipped_counted_and_named(tmp_path, caplog):
     assert all(image.mode == "RGB" for image, _ in first_pass)
 
 
-def test_all_unreadable_raises(tmp_path):
-    (tmp_path / "a.jpg").write_bytes(b"not a jpeg")
-    (tmp_path / "b.png").write_bytes(b"")
-    with pytest.raises(DatasetError, match="none of the 2 images"):
-        ImageFolderDataset(tmp_path)[0]
+def _unreadable_folder(folder: Path) -> Path:
+    """Three files with image names and no readable image: text, an empty file, a PNG signature with garbage."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "a.jpg").write_bytes(b"not a jpeg")
+    (folder / "b.png").write_bytes(b"")
+    (folder / "c.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(200)))
+    return folder
+
+
+def test_a_folder_without_one_readable_image_fails_when_the_dataset_is_built(tmp_path, caplog):
+    folder = _unreadable_folder(tmp_path / "bad")
+    with caplog.at_level(logging.WARNING, logger="fastdino.data"), \
+            pytest.raises(DatasetError, match=re.escape(f"none of the 3 images under '{folder}' could be decoded")):
+        ImageFolderDataset(folder)
+    assert not caplog.records  # one error, not one warning per file first
+
+
+def test_files_that_break_after_the_dataset_is_built_end_in_the_same_error(tmp_path, caplog):
+    folder = _unreadable_folder(tmp_path / "bad")
+    _write_image(folder / "d.png")
+    with caplog.at_level(logging.WARNING, logger="fastdino.data"):
+        dataset = ImageFolderDataset(folder)
+        assert not caplog.records  # files are warned about when a sample meets them, not by the check
+        assert dataset[0][0].size == (12, 10) and dataset.num_skipped == 3
+    (folder / "d.png").write_bytes(b"")
+    with pytest.raises(DatasetError, match=re.escape(f"none of the 4 images under '{folder}'")):
+        dataset[1]
+
+
+def test_command_line_names_a_folder_without_one_readable_image(tmp_path):
+    folder = _unreadable_folder(tmp_path / "bad")
+    run = subprocess.run(
+        [sys.executable, str(REPO / "train.py"), f"data.path={folder}", f"output_dir={tmp_path / 'run'}",
+         "device=cpu", "data.num_workers=2", "model.arch=vit_tiny", "model.depth=1", "model.patch_size=8",
+         "data.global_crop_size=16", "data.local_crop_size=8", "data.batch_size_per_gpu=2"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2, run.stderr
+    assert "Traceback" not in run.stderr and "skipping unreadable" not in run.stderr, run.stderr
+    naming = [line for line in run.stderr.splitlines() if str(folder) in line]
+    assert naming == [f"error: none of the 3 images under '{folder}' could be decoded"], run.stderr
 
 
 def test_grayscale_cmyk_and_alpha_decode_to_rgb(tmp_path):

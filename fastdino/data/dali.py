@@ -232,12 +232,14 @@ class DaliMultiCropLoader:
                  drop_last: bool = True, *, global_crops_scale: tuple[float, float] = (0.4, 1.0),
                  local_crops_scale: tuple[float, float] = (0.05, 0.4), local_crops_number: int = 8,
                  global_crop_size: int = 224, local_crop_size: int = 96, recipe: "MultiCropRecipe | None" = None,
-                 device: str = "auto", dtype: torch.dtype = torch.float32, num_threads: int = 4, prefetch: int = 2,
-                 scan_cache: str | Path | None = None):
+                 device: str | torch.device = "auto", dtype: torch.dtype = torch.float32, num_threads: int = 4,
+                 prefetch: int = 2, scan_cache: str | Path | None = None):
         if DALI_IMPORT_ERROR is not None:
             raise ImportError(f"nvidia.dali is not usable ({DALI_IMPORT_ERROR}); install nvidia-dali-cuda130 or use "
                               "the torchvision loader (data.loader=torch)")
         check_loader_settings(batch_size, num_threads, prefetch, seed, rank, world_size)
+        if isinstance(device, torch.device):  # the trainer passes its device
+            device = device.type
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         if device not in ("cpu", "cuda"):

@@ -10,8 +10,11 @@ import os
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
+
+from fastdino.errors import UsageError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
@@ -20,8 +23,11 @@ logger = logging.getLogger("fastdino.data")
 # What PIL raises on a truncated, corrupt, unsupported or unreadable file (UnidentifiedImageError is an OSError).
 _DECODE_ERRORS = (OSError, ValueError, EOFError, SyntaxError, Image.DecompressionBombError)
 
+# Gray modes with more than 8 bits per pixel: PIL's convert("RGB") would clip them, load_rgb scales them instead.
+_WIDE_GRAY_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
 
-class DatasetError(ValueError):
+
+class DatasetError(UsageError, ValueError):
     """The dataset on disk cannot be used: missing folder, no images, or no readable image at all."""
 
 
@@ -77,13 +83,37 @@ def find_images(root: str | Path) -> tuple[list[tuple[str, int]], list[str]]:
 def load_rgb(path: str | Path) -> Image.Image:
     """Decode an image file fully (so truncation is detected here) and convert it to 8-bit RGB.
 
-    Grayscale, palette, CMYK and alpha images all become RGB (alpha is dropped, as torchvision's loader does).
-    Raises the decoder's error (OSError, ValueError, ...) for unreadable files.
+    The one mode rule of the PIL paths (torchvision-loader workers, the GPU-decode loader's CPU decoding, the eval
+    datasets; DALI decodes on its own):
+    - L, 1 (0 -> 0, 1 -> 255), RGB, CMYK, YCbCr: PIL's convert("RGB"); for CMYK that is
+      R = round((255 - C) * (255 - K) / 255), and the same for G (M) and B (Y).
+    - Alpha is dropped, not composited, as torchvision's pil_loader does (RGBA, LA, PA); a palette image with
+      transparency gives its palette colours.
+    - 16-bit gray (I;16, I;16L, I;16B, I;16N), and 32-bit I whose values all lie in 0..65535 (PIL opens 16-bit PGM,
+      and older versions 16-bit PNG, as I): round(v * 255 / 65535), as DALI's decoder reduces 16-bit PNGs. Plain
+      convert("RGB") would clip at 255 and turn most of a 16-bit image white.
+    - F: NaN and infinities become 0; then values within [0, 1] give round(v * 255), values within [0, 255] round(v).
+    - I or F outside those ranges: the image's own min..max is stretched to 0..255 (no standard white point).
+    Gray results are replicated to 3 channels. Raises the decoder's error (OSError, ValueError, ...) for unreadable
+    files.
     """
     with Image.open(path) as image:
+        if image.mode in _WIDE_GRAY_MODES:
+            return Image.fromarray(_wide_gray_to_8bit(np.asarray(image))).convert("RGB")
         if image.mode == "P" and "transparency" in image.info:
             image = image.convert("RGBA")  # PIL warns when a palette with transparency goes straight to RGB
         return image.convert("RGB")  # convert() loads every pixel, so a truncated file fails now, not later
+
+
+def _wide_gray_to_8bit(values: np.ndarray) -> np.ndarray:
+    """uint8 [H, W] from the pixels of an I;16*, I or F image, by the rule in load_rgb's docstring."""
+    white_points = (65535.0,) if values.dtype.kind in "iu" else (1.0, 255.0)
+    values = np.nan_to_num(values.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+    low, high = float(values.min()), float(values.max())
+    white = next((white for white in white_points if low >= 0 and high <= white), None)
+    if white is None:  # no standard range holds the values: stretch the image's own
+        values, white = values - low, (high - low) or 1.0
+    return np.rint(values * 255 / white).astype(np.uint8)
 
 
 class ImageFolderDataset(Dataset):
@@ -91,7 +121,8 @@ class ImageFolderDataset(Dataset):
 
     A file that cannot be decoded is logged once (per process) on the "fastdino.data" logger, counted in
     `num_skipped` (per process: each data-loader worker keeps its own count) and replaced by the next readable sample
-    (index + 1, + 2, ... wrapping around), so the result for a given index is deterministic.
+    (index + 1, + 2, ... wrapping around), so the result for a given index is deterministic. A folder in which no
+    file decodes at all raises DatasetError when the dataset is built.
     """
 
     def __init__(self, root: str | Path, transform: Callable[[Image.Image], Any] | None = None):
@@ -100,6 +131,21 @@ class ImageFolderDataset(Dataset):
         self.transform = transform
         self.num_skipped = 0
         self._unreadable: set[int] = set()
+        self._require_a_readable_image()
+
+    def _require_a_readable_image(self) -> None:
+        """DatasetError now, in the process that builds the dataset, when not one file decodes: found later, in a
+        data-loader worker, it would surface as a traceback after one warning per file. Usually reads one file."""
+        for path, _ in self.samples:
+            try:
+                load_rgb(path)
+                return
+            except _DECODE_ERRORS:
+                continue  # not marked unreadable: load() warns about it when it meets it
+        raise self._nothing_readable()
+
+    def _nothing_readable(self) -> DatasetError:
+        return DatasetError(f"none of the {len(self.samples)} images under {str(self.root)!r} could be decoded")
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -122,7 +168,7 @@ class ImageFolderDataset(Dataset):
                 self.num_skipped += 1
                 logger.warning("skipping unreadable image %s (%s: %s); using the next sample instead",
                                path, type(error).__name__, error)
-        raise DatasetError(f"none of the {count} images under {str(self.root)!r} could be decoded")
+        raise self._nothing_readable()  # every file broke after the dataset was built
 
     def __getitem__(self, index: int) -> tuple[Any, int]:
         image, label = self.load(index)

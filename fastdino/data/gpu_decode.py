@@ -9,7 +9,7 @@ Pipeline, per batch
   loaders, so each image is seen at most once per epoch across ranks with drop_last).
 - Bytes are read by a thread pool, `prefetch` batches ahead. JPEGs are decoded in one batched
   `torchvision.io.decode_jpeg(..., device="cuda")` call; other formats (PNG, WebP, ...) and JPEGs the GPU decoder
-  rejects (CMYK, ...) are decoded on the CPU (torchvision, then PIL) and copied over; such files are counted
+  rejects (CMYK, ...) are decoded on the CPU (`decode_on_cpu`) and copied over; such files are counted
   (`num_cpu_decoded`) and named once in a warning. Files that no decoder reads are replaced by another image of the
   same batch (`num_failed`, warned); files failing the header/end-marker pre-scan of `dali.scan_image_files` are
   left out before the first epoch (`num_rejected`).
@@ -49,7 +49,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torchvision.io import ImageReadMode, decode_image, decode_jpeg
+from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms.v2 import functional as TF
 
 from fastdino.data.augment import IMAGENET_MEAN, IMAGENET_STD, check_multicrop_settings
@@ -289,12 +289,15 @@ class _LoadedFile:
 
 
 def decode_on_cpu(data: torch.Tensor, path: str) -> torch.Tensor:
-    """uint8 [3, H, W] RGB from encoded bytes: torchvision's decoders, then PIL (BMP, TIFF, CMYK, ...).
-    Raises OSError / ValueError / RuntimeError when neither can decode the file."""
-    try:
-        return decode_image(data, mode=ImageReadMode.RGB)
-    except (RuntimeError, ValueError):
-        return torch.from_numpy(np.array(load_rgb(path))).permute(2, 0, 1).contiguous()
+    """uint8 [3, H, W] RGB from a file's bytes: JPEGs by torchvision's libjpeg decoder (same pixels as PIL), every
+    other file, and JPEGs it rejects, by datasets.load_rgb, the mode rule all loaders share (torchvision's
+    decode_image would return uint16 for 16-bit PNGs). Raises OSError / ValueError when neither decodes the file."""
+    if bytes(data[:3].tolist()) == _JPEG_SIGNATURE:
+        try:
+            return decode_jpeg(data, mode=ImageReadMode.RGB)
+        except (RuntimeError, ValueError):
+            pass  # e.g. a JPEG variant libjpeg-turbo rejects: PIL may still read it
+    return torch.from_numpy(np.array(load_rgb(path))).permute(2, 0, 1).contiguous()
 
 
 def _load_file(path: str, decode_jpeg_here: bool) -> _LoadedFile:

@@ -5,7 +5,6 @@ the most-attended patches that together hold `keep` (60%) of that head's attenti
 """
 from __future__ import annotations
 
-import argparse
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,8 +19,10 @@ from PIL import Image  # noqa: E402
 from torch import nn  # noqa: E402
 from torchvision import transforms  # noqa: E402
 
+from fastdino.config import RULES, CheckedArgumentParser, between, existing_path, not_a_file  # noqa: E402
 from fastdino.data import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 from fastdino.data.datasets import find_images, load_rgb  # noqa: E402
+from fastdino.errors import report_usage_errors  # noqa: E402
 
 
 def threshold_mask(attn: torch.Tensor, keep: float = 0.6) -> torch.Tensor:
@@ -175,10 +176,15 @@ def _images_to_draw(image_arg: str | None) -> list[tuple[str, Image.Image | str]
     return pairs
 
 
+@report_usage_errors
 def main(argv: Sequence[str] | None = None) -> list[Path]:
+    from fastdino.eval.knn import backbone_option_rules
     from fastdino.hub import add_backbone_arguments, backbone_from_arguments
 
-    parser = argparse.ArgumentParser(description="Save the last block's CLS self-attention maps of a DINO backbone.")
+    rules = {**backbone_option_rules(), "--image": existing_path, "--out-dir": not_a_file,
+             "--image-size": RULES["eval.attention_image_size"], "--keep": between(0, 1, low_open=True)}
+    parser = CheckedArgumentParser(description="Save the last block's CLS self-attention maps of a DINO backbone.",
+                                   rules=rules)
     add_backbone_arguments(parser)
     parser.add_argument("--image", default=None,
                         help="an image file or a folder of images (default: a few bundled photos)")

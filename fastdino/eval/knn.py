@@ -24,7 +24,10 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 from torchvision import transforms
 
+from fastdino import checkpoint as checkpoint_io
+from fastdino.config import RULES, CheckedArgumentParser, Rule, existing_file, existing_folder, not_a_file, positive
 from fastdino.data import IMAGENET_MEAN, IMAGENET_STD, ImageFolderDataset
+from fastdino.errors import report_usage_errors
 
 # The reference evaluates 224-pixel crops of images resized to 256; other sizes keep that ratio.
 RESIZE_RATIO = 256 / 224
@@ -219,23 +222,33 @@ def _cached_dataset_features(backbone: nn.Module, dataset, args: argparse.Namesp
     path = _cache_path(Path(args.cache_dir), args.checkpoint, folder, settings)
     if path.is_file():
         _print_on_rank0(f"features of {folder} read from the cache {path}")
-        cached = torch.load(path, map_location=device, weights_only=True)
+        cached = checkpoint_io.load(path, map_location=device)
         return cached["features"], cached["labels"]
     features, labels = extract_dataset_features(backbone, dataset, device, args.batch_size, args.num_workers, args.amp)
     if _rank_and_world_size()[0] == 0:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        torch.save({"features": features.cpu(), "labels": labels.cpu()}, tmp)
-        os.replace(tmp, path)
+        checkpoint_io.save_atomic({"features": features.cpu(), "labels": labels.cpu()}, path)
         _print_on_rank0(f"features of {folder} cached in {path}")
     return features, labels
 
 
+def backbone_option_rules() -> dict[str, Rule]:
+    """The rules of the options `hub.add_backbone_arguments` adds (shared by the fastdino.eval commands)."""
+    from fastdino.preflight import device_option
+
+    return {"--checkpoint": existing_file, "--arch": RULES["model.arch"], "--patch-size": RULES["model.patch_size"],
+            "--device": device_option()}
+
+
+@report_usage_errors
 def main(argv: Sequence[str] | None = None) -> dict[int, dict[str, float | None]]:
     from fastdino.hub import add_backbone_arguments, backbone_from_arguments
 
-    parser = argparse.ArgumentParser(description="Weighted k-NN evaluation of a DINO backbone on class folders "
-                                                 "(the DINO paper's protocol).")
+    rules = {**backbone_option_rules(), "--train-dir": existing_folder, "--val-dir": existing_folder,
+             "--image-size": RULES["eval.image_size"], "--k": RULES["eval.knn_k"],
+             "--temperature": RULES["eval.knn_temperature"], "--batch-size": positive,
+             "--num-workers": RULES["data.num_workers"], "--cache-dir": not_a_file}
+    parser = CheckedArgumentParser(description="Weighted k-NN evaluation of a DINO backbone on class folders "
+                                               "(the DINO paper's protocol).", rules=rules)
     add_backbone_arguments(parser)
     parser.add_argument("--train-dir", required=True, help="class folders of the reference (train) images")
     parser.add_argument("--val-dir", required=True, help="class folders of the evaluated images (same classes)")

@@ -8,7 +8,6 @@ The best val top-1 over the epochs is reported. Single process (one GPU or the C
 """
 from __future__ import annotations
 
-import argparse
 from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import torch
@@ -17,8 +16,10 @@ from torch import nn
 from torch.utils.data import DataLoader
 from torchvision import transforms
 
+from fastdino.config import RULES, CheckedArgumentParser, existing_folder, positive
 from fastdino.data import IMAGENET_MEAN, IMAGENET_STD, ImageFolderDataset
-from fastdino.eval.knn import eval_transform
+from fastdino.errors import report_usage_errors
+from fastdino.eval.knn import backbone_option_rules, eval_transform
 
 FeatureBatches = Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]]
 
@@ -154,10 +155,15 @@ def linear_probe(backbone: nn.Module, train_dir: str, val_dir: str, image_size: 
         epochs=epochs, lr=base_lr * batch_size / 256, device=device, log=log)
 
 
+@report_usage_errors
 def main(argv: Sequence[str] | None = None) -> dict:
     from fastdino.hub import add_backbone_arguments, backbone_from_arguments
 
-    parser = argparse.ArgumentParser(description="Linear probe of a frozen DINO backbone (the DINO paper's protocol).")
+    rules = {**backbone_option_rules(), "--train-dir": existing_folder, "--val-dir": existing_folder,
+             "--image-size": RULES["eval.image_size"], "--n-last-blocks": positive, "--epochs": RULES["optim.epochs"],
+             "--batch-size": positive, "--lr": RULES["optim.lr"], "--num-workers": RULES["data.num_workers"]}
+    parser = CheckedArgumentParser(description="Linear probe of a frozen DINO backbone (the DINO paper's protocol).",
+                                   rules=rules)
     add_backbone_arguments(parser)
     parser.add_argument("--train-dir", required=True, help="class folders of the training images")
     parser.add_argument("--val-dir", required=True, help="class folders of the validation images (same classes)")
