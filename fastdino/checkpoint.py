@@ -1,26 +1,119 @@
-"""Atomic checkpoints of plain data (loadable with `torch.load(weights_only=True)`) and exact-resume RNG state."""
+"""Checkpoint files: written atomically, read as data only (never as code), plus exact-resume RNG state.
+
+Reading: every file goes through `torch.load(weights_only=True)`, PyTorch's restricted unpickler, which builds only
+tensors and plain containers; a file that names any other Python object is refused with one line and nothing in it
+runs. Writing: a temporary file beside the target, flushed to disk, then renamed, so a kill at any moment leaves
+the previous file or the new one; a failed write (full disk, no permission) is one line that names the file.
+"""
 from __future__ import annotations
 
 import os
+import pickle
 import random
+import re
+import shutil
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import torch
 
+from fastdino.errors import UsageError
+
 LATEST = "checkpoint.pth"
+TEMPORARY_MARK = ".tmp-"  # in the name of every file being written; leftovers of a killed run carry it
 
 
-def save_atomic(state: dict[str, Any], path: str | Path) -> None:
+class CheckpointError(UsageError):
+    """A checkpoint that cannot be read, or written; the message names the file."""
+
+
+class CheckpointWriteError(CheckpointError):
+    """A checkpoint could not be written (full disk, no permission); the message says what survives."""
+
+
+class UntrustedCheckpointError(CheckpointError):
+    """A checkpoint file holding something other than tensors and plain data; it was not executed."""
+
+
+def untrusted(source: str | Path, found: str) -> UntrustedCheckpointError:
+    """The refusal of `source`, which holds `found` (e.g. "a pickled object of type posix.system")."""
+    return UntrustedCheckpointError(f"refused {source}: it holds {found}, which a checkpoint never needs; nothing in "
+                                    "it was executed (fastdino reads checkpoints as data only)")
+
+
+def unpickling_refusal(source: str | Path, error: pickle.UnpicklingError) -> CheckpointError:
+    """The one-line error for a file that PyTorch's restricted unpickler (`weights_only=True`) stopped."""
+    text = str(error)
+    found = re.search(r"GLOBAL ([\w.]+)", text)
+    if found:
+        name = found.group(1) if "." in found.group(1) else f"builtins.{found.group(1)}"  # torch omits builtins
+        return untrusted(source, f"a pickled object of type {name}")
+    reason = re.search(r"WeightsUnpickler error:\s*(.+)", text)
+    reason_text = reason.group(1).strip() if reason else text.strip().splitlines()[0]
+    return CheckpointError(f"{source} is not a readable checkpoint (the safe loader stopped at: {reason_text}); "
+                           "nothing in it was executed")
+
+
+def load(source: str | Path | IO[bytes], map_location: str | torch.device = "cpu",
+         allowed_globals: Iterable[Any] = (), name: str | Path | None = None) -> Any:
+    """Read a checkpoint file (or stream) as data: tensors, numbers, strings, containers, and `allowed_globals`.
+
+    Raises UntrustedCheckpointError for anything else, CheckpointError for a file that is not a checkpoint.
+    """
+    name = name or source
+    try:
+        with torch.serialization.safe_globals(list(allowed_globals)):
+            return torch.load(source, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise unpickling_refusal(name, error) from None
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint file not found: {name}") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CheckpointError(f"{name} is not a readable checkpoint ({first_line})") from None
+
+
+class _WriteErrorKeeper:
+    """A file wrapper for torch.save, which turns the file's OSError (full disk) into a RuntimeError without errno:
+    the original error is kept so that the caller can name it."""
+
+    def __init__(self, handle: IO[bytes]) -> None:
+        self.handle, self.error = handle, None
+
+    def write(self, data: bytes) -> int:
+        try:
+            return self.handle.write(data)
+        except OSError as error:
+            self.error = error
+            raise
+
+    def flush(self) -> None:
+        self.handle.flush()
+
+
+def temporary_path(path: Path) -> Path:
+    """Where `path` is written before being renamed into place."""
+    return path.with_name(f".{path.name}{TEMPORARY_MARK}{os.getpid()}")
+
+
+def save_atomic(state: Any, path: str | Path) -> None:
     """Write to a temporary file beside `path`, flush it to disk, then rename: a crash at any moment leaves
-    either the previous file or the new one, never a torn one."""
+    either the previous file or the new one, never a torn one. Raises OSError (with its errno) if the write fails;
+    the temporary file is removed and `path` is untouched."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = temporary_path(path)
     try:
         with open(tmp, "wb") as handle:
-            torch.save(state, handle)
+            keeper = _WriteErrorKeeper(handle)
+            try:
+                torch.save(state, keeper)
+            except RuntimeError:
+                if keeper.error is not None:
+                    raise keeper.error from None
+                raise
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
@@ -29,9 +122,18 @@ def save_atomic(state: dict[str, Any], path: str | Path) -> None:
             tmp.unlink()
 
 
-def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load a checkpoint written by `save_atomic` (plain tensors, numbers, strings: no pickled objects)."""
-    return torch.load(path, map_location=map_location, weights_only=True)
+def remove_leftover_temporaries(folder: str | Path) -> list[Path]:
+    """Delete what killed writers left in `folder` (files and folders whose name carries TEMPORARY_MARK or ends in
+    `.tmp`); only call it when no other process writes there. Returns what was removed."""
+    removed = []
+    for entry in Path(folder).iterdir() if Path(folder).is_dir() else ():
+        if TEMPORARY_MARK in entry.name or entry.name.endswith(".tmp"):
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+            removed.append(entry)
+    return removed
 
 
 def latest_checkpoint(output_dir: str | Path) -> Path | None:

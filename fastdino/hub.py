@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import pickle
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from fastdino import checkpoint as checkpoint_io
 
 # Wrapper prefixes stripped from the front of every key, in any order and number.
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.", "backbone.")
@@ -31,24 +32,15 @@ _HEAD_ROOTS = frozenset({"head", "projection_head", "prototypes", "last_layer", 
 
 
 def load_checkpoint_file(path: str | os.PathLike) -> Mapping:
-    """Read a `.pth` file safely (`weights_only=True`) onto the CPU.
+    """Read a `.pth` file as data (`fastdino.checkpoint.load`) onto the CPU.
 
     The released full DINO checkpoints pickle their argparse `Namespace`; that one class is allowed, nothing else.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint file not found: {path}")
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        raise ValueError(
-            f"{path} holds Python objects that are not plain tensors/containers and is not loaded for safety "
-            f"(torch.load weights_only=True): {error}"
-        ) from error
-    if not isinstance(checkpoint, Mapping):
-        raise ValueError(f"{path} holds a {type(checkpoint).__name__}, expected a dict (state dict or checkpoint)")
-    return checkpoint
+    content = checkpoint_io.load(Path(path), allowed_globals=[argparse.Namespace])
+    if not isinstance(content, Mapping):
+        raise checkpoint_io.CheckpointError(
+            f"{path} holds a {type(content).__name__}, expected a dict (state dict or checkpoint)")
+    return content
 
 
 def _strip_wrapper_prefixes(key: str) -> str:
@@ -167,10 +159,7 @@ def export_backbone(checkpoint_or_state_dict: str | os.PathLike | Mapping | nn.M
     state_dict = {k: v.detach().to("cpu").contiguous().clone() for k, v in backbone_state_dict(source,
                                                                                                checkpoint_key).items()}
     out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp_path = out_path.with_name(out_path.name + ".tmp")
-    torch.save(state_dict, tmp_path)
-    os.replace(tmp_path, out_path)
+    checkpoint_io.save_atomic(state_dict, out_path)
     return out_path
 
 

@@ -1,23 +1,37 @@
-"""Where training metrics go: a JSONL file (one row per log step) and TensorBoard scalars, rank 0 only."""
+"""Where training metrics go: a JSONL file (one row per log step) and TensorBoard scalars, rank 0 only.
+
+A resumed run first forgets what was logged after its checkpoint (those steps are about to be trained again), so
+each step appears once in `log.jsonl`, and TensorBoard hides the events after it (`purge_step`).
+"""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
+from fastdino.checkpoint import temporary_path
+
 
 class MetricsLogger:
-    """Appends rows to `<output_dir>/log.jsonl` and mirrors the numbers to TensorBoard."""
+    """Appends rows to `<output_dir>/log.jsonl` and mirrors the numbers to TensorBoard.
 
-    def __init__(self, output_dir: str | Path, enabled: bool = True, tensorboard: bool = True) -> None:
+    resumed_at: the step the run continues from (0 for a fresh start), whose rows are the last ones kept.
+    """
+
+    def __init__(self, output_dir: str | Path, enabled: bool = True, tensorboard: bool = True,
+                 resumed_at: int = 0) -> None:
         self.enabled = enabled
         self.path = Path(output_dir) / "log.jsonl"
         self._writer = None
-        if enabled and tensorboard:
+        if not enabled:
+            return
+        self._keep_rows_up_to(resumed_at)
+        if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self._writer = SummaryWriter(log_dir=str(Path(output_dir) / "tensorboard"))
+                self._writer = SummaryWriter(log_dir=str(Path(output_dir) / "tensorboard"), purge_step=resumed_at + 1)
             except ImportError:  # tensorboard is a declared dependency; keep training if it is absent
                 self._writer = None
 
@@ -31,12 +45,22 @@ class MetricsLogger:
                 if key != "step" and isinstance(value, (int, float)):
                     self._writer.add_scalar(key, value, row["step"])
 
-    def drop_rows_after(self, step: int) -> None:
-        """On resume, forget rows logged after the checkpoint's step: they are about to be trained again."""
-        if not self.enabled or not self.path.is_file():
+    def _keep_rows_up_to(self, step: int) -> None:
+        """Drop rows after `step`, and a last row a kill cut short; replaced atomically, so a kill here loses
+        nothing either."""
+        if not self.path.is_file():
             return
-        rows = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= step]
-        self.path.write_text("".join(line + "\n" for line in rows))
+        kept = []
+        for line in self.path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:  # the row being written when the run was killed
+                continue
+            if row["step"] <= step:
+                kept.append(line)
+        tmp = temporary_path(self.path)
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, self.path)
 
     def close(self) -> None:
         if self._writer is not None:

@@ -19,7 +19,8 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
-from fastdino import checkpoint, sharded_checkpoint
+from fastdino import checkpoint, run_folder, sharded_checkpoint
+from fastdino.checkpoint import CheckpointWriteError
 from fastdino.config import Config, config_to_dict
 from fastdino.data.datasets import ImageFolderDataset
 from fastdino.distributed import (
@@ -43,6 +44,7 @@ from fastdino.optim import (
     clip_gradients_,
     clip_gradients_reference_,
 )
+from fastdino.resume_policy import check_resume
 from fastdino.schedules import Schedules
 
 log = logging.getLogger("fastdino")
@@ -68,20 +70,23 @@ class FastPaths:
 
 
 def resolve_device(config: Config) -> torch.device:
-    if config.device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device=cuda was asked for but CUDA is not available (use device=auto or cpu)")
-    if config.device == "cpu" or not torch.cuda.is_available():
+    """CUDA when present unless device=cpu; what the machine lacks is refused by fastdino.preflight's rules."""
+    from fastdino.preflight import check_device, uses_cuda
+
+    check_device(config)
+    if not uses_cuda(config):
         return torch.device("cpu")
     return torch.device("cuda", torch.cuda.current_device())
 
 
 def resolve_precision(config: Config, device: torch.device) -> torch.dtype:
-    """The autocast dtype: bf16 on CUDA by default, fp32 (no autocast) on CPU."""
+    """The autocast dtype: by default bf16 on CUDA (fp16 on GPUs without bf16), fp32 (no autocast) on CPU."""
+    from fastdino.preflight import bf16_supported, check_precision
+
+    check_precision(config, device)
     choice = config.precision
     if choice == "auto":
-        choice = "bf16" if device.type == "cuda" else "fp32"
-    if choice == "fp16" and device.type != "cuda":
-        raise RuntimeError("precision=fp16 needs CUDA; use fp32 or bf16 on CPU")
+        choice = ("bf16" if bf16_supported(device) else "fp16") if device.type == "cuda" else "fp32"
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[choice]
 
 
@@ -90,7 +95,11 @@ def _switch(value: bool | str, available: bool) -> bool:
 
 
 def resolve_fast_paths(config: Config, device: torch.device) -> FastPaths:
-    """`auto` turns a fast path on where the device supports it (CUDA, and the library where one is needed)."""
+    """`auto` turns a fast path on where the device supports it (CUDA, and the library where one is needed); a path
+    forced on where it cannot run is refused by fastdino.preflight's rules."""
+    from fastdino.preflight import check_fast_paths
+
+    check_fast_paths(config, device)
     cuda = device.type == "cuda"
     fast = config.fast
     loader = config.data.loader
@@ -243,14 +252,19 @@ class Trainer:
             config.dino.center_momentum,
             fused=self.fast.fused_loss,
         ).to(self.device)
-        self.metrics = MetricsLogger(self.output_dir, enabled=self.ctx.is_main)
+        self.global_batch = config.data.batch_size_per_gpu * self.ctx.world_size
         self.step = 0  # global step about to run
         self.last_checkpoint: Path | None = None
+        self.checkpoint_step = 0  # the step the last checkpoint holds
+        if self.ctx.is_main:
+            run_folder.prepare(self.output_dir, start_over=not config.resume)
+        self.ctx.barrier()
         resume_from = sharded_checkpoint.find_resume_checkpoint(self.output_dir)
         if resume_from is None:
             torch.manual_seed(config.seed + 1 + self.ctx.rank)  # stochastic depth draws differ per rank
         else:
             self.resume(resume_from)
+        self.metrics = MetricsLogger(self.output_dir, enabled=self.ctx.is_main, resumed_at=self.step)
 
     # ---------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
@@ -265,6 +279,9 @@ class Trainer:
             "dino_loss": self.dino_loss.state_dict(),
             "step": self.step,
             "epoch": self.step // len(self.loader),
+            "steps_per_epoch": len(self.loader),
+            "global_batch": self.global_batch,
+            "world_size": self.ctx.world_size,
             "rng": gather_objects(checkpoint.capture_rng_state(), self.ctx),
             "config": config_to_dict(self.config),
         }
@@ -291,40 +308,94 @@ class Trainer:
             torch.manual_seed(self.config.seed + 1 + self.ctx.rank + self.step)
 
     def resume(self, path: Path) -> None:
+        """Continue the run saved at `path`, after checking that the settings allow it (fastdino.resume_policy)."""
         if path.is_dir():
-            self.load_state_dict(sharded_checkpoint.load_sharded(path, self.state_dict()))
+            stored = sharded_checkpoint.read_plain(path)["config"]
+            self._check_settings(stored)  # before the shards are read: another model shape would not fit them
+            state = sharded_checkpoint.load_sharded(path, self.state_dict())
         else:
-            self.load_state_dict(checkpoint.load(path, map_location=self.device))
-        self.last_checkpoint = path
-        self.metrics.drop_rows_after(self.step)
+            state = checkpoint.load(path, map_location=self.device)
+            stored = state["config"]
+            self._check_settings(stored)
+        self._continue_by_images_seen(state)
+        self._note_longer_schedule(state, stored["optim"]["epochs"])
+        self.load_state_dict(state)
+        self.last_checkpoint, self.checkpoint_step = path, self.step
         if self.ctx.is_main:
             log.info("resumed from %s at step %d (epoch %d)", path, self.step, self.step // len(self.loader))
 
-    def save(self) -> None:
-        state = self.state_dict()
-        if is_sharded(self.student):
-            self._save_sharded(state)
-            return
-        if not self.ctx.is_main:
-            return
-        path = self.output_dir / checkpoint.LATEST
-        checkpoint.save_atomic(state, path)
-        self.last_checkpoint = path
-        epoch_done = self.step % len(self.loader) == 0
-        epoch = self.step // len(self.loader)
-        freq = self.config.saveckp_freq
-        if epoch_done and freq and (epoch - 1) % freq == 0:
-            checkpoint.save_atomic(state, self.output_dir / f"checkpoint{epoch - 1:04d}.pth")
+    def _check_settings(self, stored: dict[str, Any]) -> None:
+        for note in check_resume(stored, self.config):
+            if self.ctx.is_main:
+                log.info(note)
 
-    def _save_sharded(self, state: dict[str, Any]) -> None:
-        """FSDP: every rank writes its shards into <output_dir>/checkpoint_dcp/ (published by rename)."""
-        path = self.output_dir / sharded_checkpoint.SHARDED_DIR
-        sharded_checkpoint.save_sharded(state, path, self.ctx)
-        self.last_checkpoint = path
+    def _continue_by_images_seen(self, state: dict[str, Any]) -> None:
+        """A run saved with another number of processes or per-process batch continues at the first image of the
+        epoch that it had not trained on (rounded down to a whole batch), not at the same step count."""
+        old_world = state.get("world_size", len(state["rng"]))
+        old_batch = state.get("global_batch", self.global_batch)
+        old_steps = state.get("steps_per_epoch", len(self.loader))
+        if (old_world, old_batch, old_steps) == (self.ctx.world_size, self.global_batch, len(self.loader)):
+            return
+        epoch, within = divmod(state["step"], old_steps)
+        images = within * old_batch
+        step = epoch * len(self.loader) + min(images // self.global_batch, len(self.loader))
+        if self.ctx.is_main:
+            log.info("resuming a run saved by %d processes x batch %d with %d x %d: continuing by images seen, at "
+                     "image %d of epoch %d (step %d there, step %d here); the lr follows the new total batch",
+                     old_world, old_batch // old_world, self.ctx.world_size, self.config.data.batch_size_per_gpu,
+                     images, epoch, state["step"], step)
+        state["step"] = step
+
+    def _note_longer_schedule(self, state: dict[str, Any], stored_epochs: int) -> None:
+        if self.config.optim.epochs == stored_epochs or not self.ctx.is_main:
+            return
+        step = min(state["step"], self.schedules.total_steps - 1)
+        log.info("optim.epochs %d -> %d: the lr, weight decay, teacher momentum and temperature schedules are "
+                 "recomputed for %d epochs, as if the run had started with them: at step %d the lr is %.3g (the "
+                 "last step trained used %.3g)", stored_epochs, self.config.optim.epochs,
+                 self.config.optim.epochs, state["step"], float(self.schedules.lr[step]),
+                 state["optimizer"]["param_groups"][0]["lr"])
+
+    def save(self) -> None:
+        """Write the checkpoint (and at the epochs saveckp_freq says, a numbered copy, written first so that a kill
+        never leaves a published checkpoint without its announced copy)."""
+        state = self.state_dict()
         epoch, within = divmod(self.step, len(self.loader))
         freq = self.config.saveckp_freq
-        if within == 0 and freq and (epoch - 1) % freq == 0 and self.ctx.is_main:
-            sharded_checkpoint.keep_copy(path, self.output_dir / f"checkpoint{epoch - 1:04d}_dcp")
+        numbered = f"checkpoint{epoch - 1:04d}" if within == 0 and freq and (epoch - 1) % freq == 0 else None
+        sharded = is_sharded(self.student)
+        path = self.output_dir / (sharded_checkpoint.SHARDED_DIR if sharded else checkpoint.LATEST)
+        target = path
+        try:
+            if sharded:
+                copies = (self.output_dir / f"{numbered}_dcp",) if numbered else ()
+                sharded_checkpoint.save_sharded(state, path, self.ctx, copies)
+            elif self.ctx.is_main:
+                if numbered:
+                    target = self.output_dir / f"{numbered}.pth"
+                    checkpoint.save_atomic(state, target)
+                    target = path
+                checkpoint.save_atomic(state, path)
+        except OSError as error:
+            raise CheckpointWriteError(
+                f"could not write {target}: {error.strerror or error}; {self._previous_checkpoint_note()}"
+            ) from None
+        self.last_checkpoint, self.checkpoint_step = path, self.step
+        if numbered and self.ctx.is_main:
+            log.info("kept a copy of the checkpoint of epoch %d as %s", epoch - 1, numbered)
+
+    def _previous_checkpoint_note(self) -> str:
+        """Whether the run can go on from disk: the previous checkpoint, checked by reading it."""
+        if self.last_checkpoint is None:
+            return "no checkpoint was written before: the same command starts from step 0"
+        if self.last_checkpoint.is_dir():
+            sharded_checkpoint.read_metadata(self.last_checkpoint)
+            sharded_checkpoint.read_plain(self.last_checkpoint)
+        else:
+            checkpoint.load(self.last_checkpoint)
+        return (f"the previous checkpoint {self.last_checkpoint} (step {self.checkpoint_step}) is intact and loads: "
+                "once there is room, the same command resumes from it")
 
     # ---------------------------------------------------------------- one step
     def train_step(self, crops: list[torch.Tensor], epoch: int, monitors: bool = False):
@@ -369,16 +440,22 @@ class Trainer:
     def train(self, stop_after_steps: int | None = None) -> dict[str, Any]:
         """Train until the last step of the schedule (or until global step `stop_after_steps`, as if the run were
         interrupted there; the next Trainer on the same output_dir resumes from the last checkpoint)."""
-        config = self.config
-        steps_per_epoch = len(self.loader)
         total = self.schedules.total_steps
         if stop_after_steps is not None:
             total = min(stop_after_steps, total)
-        batch = config.data.batch_size_per_gpu * self.ctx.world_size
         progress = tqdm(total=total, initial=self.step, disable=not self.ctx.is_main, unit="step", dynamic_ncols=True)
+        try:
+            return self._train_until(total, progress)
+        finally:  # also on an error: its one line then starts on a line of its own
+            progress.close()
+            self.metrics.close()
+
+    def _train_until(self, total: int, progress: tqdm) -> dict[str, Any]:
+        config, steps_per_epoch, batch = self.config, len(self.loader), self.global_batch
         loss_sum = torch.zeros((), device=self.device)
         window_steps, window_start = 0, time.perf_counter()
         last_row: dict[str, Any] = {}
+        monitored: dict[str, float] = {}  # collapse monitors waiting for the next log row (and only that one)
         while self.step < total:
             epoch, start = divmod(self.step, steps_per_epoch)
             for crops, _labels in self.loader.epoch_iter(epoch, start_step=start):
@@ -389,14 +466,17 @@ class Trainer:
                 progress.update(1)
                 if monitors:  # one read-back for both numbers
                     entropy, kl = torch.stack([output.teacher_entropy, output.teacher_student_kl]).tolist()
-                    last_row.update(teacher_entropy=entropy, teacher_student_kl=kl)
+                    monitored = {"teacher_entropy": entropy, "teacher_student_kl": kl}
                 at_epoch_end = self.step % steps_per_epoch == 0
                 at_checkpoint = at_epoch_end or (config.checkpoint_every and self.step % config.checkpoint_every == 0)
                 if self.step % config.log_every == 0 or at_checkpoint or self.step == total:
                     loss = self.ctx.mean(loss_sum / window_steps).item()
                     self._check_finite(loss, epoch)
                     seconds = time.perf_counter() - window_start
-                    last_row.update(self._log_row(epoch, loss, window_steps * batch / seconds))
+                    # evaluated before the row is written and the checkpoint saved: a kill in between redoes both
+                    evaluation = self._end_of_epoch(epoch) if at_epoch_end else {}
+                    last_row = {**self._log_row(epoch, loss, window_steps * batch / seconds), **monitored, **evaluation}
+                    monitored = {}
                     self.metrics.log(last_row)
                     progress.set_postfix(
                         loss=f"{loss:.4f}",
@@ -410,12 +490,8 @@ class Trainer:
                     window_steps, window_start = 0, time.perf_counter()
                 if at_checkpoint:
                     self.save()
-                if at_epoch_end:
-                    self._end_of_epoch(epoch)
                 if at_epoch_end or self.step >= total:
                     break
-        progress.close()
-        self.metrics.close()
         return last_row
 
     def _log_row(self, epoch: int, loss: float, images_per_second: float) -> dict[str, Any]:
@@ -441,17 +517,19 @@ class Trainer:
             f"precision=fp32, or dino.teacher_temp closer to 0.04."
         )
 
-    def _end_of_epoch(self, epoch: int) -> None:
+    def _end_of_epoch(self, epoch: int) -> dict[str, float]:
+        """The periodic kNN when it is due ({} otherwise): every rank takes part, rank 0 gets the figure."""
         every = self.config.eval.knn_every_epochs
-        if every and (epoch + 1) % every == 0:
-            from fastdino.report import knn_top1
+        if not every or (epoch + 1) % every:
+            return {}
+        from fastdino.report import knn_top1
 
-            backbone = self.teacher_backbone()  # every rank: a gather under FSDP
-            if not self.ctx.is_main:
-                return
-            top1 = knn_top1(backbone, self.config, self.device)
-            self.metrics.log({"step": self.step, "epoch": epoch, "knn_top1": top1})
-            log.info("epoch %d: kNN top-1 %.2f%%", epoch, top1)
+        backbone = self.teacher_backbone()  # every rank: a gather under FSDP
+        if not self.ctx.is_main:
+            return {}
+        top1 = knn_top1(backbone, self.config, self.device)
+        log.info("epoch %d: kNN top-1 %.2f%%", epoch, top1)
+        return {"knn_top1": top1}
 
     def teacher_backbone(self) -> torch.nn.Module:
         """The teacher's ViT (what DINO evaluates and exports). Under FSDP a plain copy gathered from the shards:

@@ -1,4 +1,6 @@
-"""Small builders shared by the training tests: a folder of tiny JPEGs and a tiny-model config."""
+"""Small builders shared by the training tests: a folder of tiny JPEGs, a tiny-model config, a free port."""
+import socket
+
 import numpy as np
 from PIL import Image
 
@@ -29,3 +31,10 @@ def tiny_config(data_path, output_dir, *extra: str) -> Config:
         "data.batch_size_per_gpu=4", "data.num_workers=0", "optim.epochs=2", "optim.warmup_epochs=1",
         "log_every=1", "monitor_every=2", "device=cpu", *extra,
     ])
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now, for a process group's rendezvous."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

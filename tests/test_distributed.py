@@ -10,7 +10,6 @@ import json
 import multiprocessing
 import os
 import signal
-import socket
 import time
 import traceback
 
@@ -22,6 +21,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from fastdino import sharded_checkpoint
+from fastdino.checkpoint import CheckpointError
 from fastdino.distributed import DistributedContext
 from fastdino.models import DINOHead, MultiCropWrapper, vit_tiny
 from fastdino.trainer import Trainer
@@ -158,18 +158,12 @@ def _worker(rank, port, work, data):
         shutdown_distributed()
 
 
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
     """Runs every 2-process scenario once; returns (work folder, image folder)."""
     work = tmp_path_factory.mktemp("distributed")
     data = helpers.write_image_folder(work / "images")
-    mp.spawn(_worker, args=(free_port(), work, data), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(helpers.free_port(), work, data), nprocs=WORLD, join=True)
     return work, data
 
 
@@ -302,7 +296,7 @@ def test_save_cut_between_renames_resumes_from_the_previous(tmp_path):
 
 def test_incomplete_directory_is_refused(tmp_path):
     (tmp_path / "broken").mkdir()
-    with pytest.raises(FileNotFoundError, match="not a complete sharded checkpoint"):
+    with pytest.raises(CheckpointError, match="not a complete sharded checkpoint"):
         sharded_checkpoint.load_sharded(tmp_path / "broken", {})
 
 

@@ -8,6 +8,7 @@ import pytest
 import timm
 import torch
 
+from fastdino.checkpoint import CheckpointError, UntrustedCheckpointError
 from fastdino.hub import backbone_state_dict, export_backbone, load_pretrained
 from fastdino.models import DINOHead, MultiCropWrapper, vit_small
 
@@ -168,10 +169,11 @@ def test_unknown_formats_are_explained(tmp_path):
         backbone_state_dict({"conv1.weight": torch.zeros(1), "fc.bias": torch.zeros(1)})
     with pytest.raises(ValueError, match=r"no ViT backbone weights.*'head.mlp.0.weight'"):
         backbone_state_dict(reference_head_state_dict("head."))
-    with pytest.raises(FileNotFoundError, match="missing.pth"):
+    with pytest.raises(CheckpointError, match="checkpoint file not found: .*missing.pth"):
         load_tiny(tmp_path / "missing.pth")
     torch.save({"teacher": NotATensor()}, tmp_path / "pickled_object.pth")
-    with pytest.raises(ValueError, match="weights_only"):
+    with pytest.raises(UntrustedCheckpointError, match=r"refused .*pickled_object.pth: it holds a pickled object of "
+                                                       r"type test_hub.NotATensor"):
         load_tiny(tmp_path / "pickled_object.pth")
 
 

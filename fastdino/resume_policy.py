@@ -1,0 +1,77 @@
+"""What a rerun into the folder of an existing run may change.
+
+A rerun continues the run it finds. Settings that do not touch the trajectory (logging, checkpoint cadence,
+evaluation, loader workers, where the images and the run live) may change; so may the way the same algorithm is
+computed (device, precision, fast paths, attention kernel, distribution strategy: the continuation is then not
+bit-identical), the number of epochs upwards (the schedules are recomputed for the new length, as the reference
+does), and the per-process batch (the run continues by images seen). Any other change would silently mix two runs:
+it stops with the differing keys and the two ways out.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from fastdino.config import Config, config_to_dict
+from fastdino.errors import UsageError
+
+# Dotted keys, or prefixes ending in ".", of settings that leave every trained number unchanged.
+SAME_TRAJECTORY = ("log_every", "monitor_every", "checkpoint_every", "saveckp_freq", "output_dir", "resume",
+                   "eval.", "data.num_workers", "data.path")
+# Settings that change how the same algorithm is computed, not what it computes.
+SAME_ALGORITHM = ("device", "precision", "fast.", "model.attention", "distributed.", "data.loader")
+# Handled by the trainer: it continues by images seen.
+BATCH = ("data.batch_size_per_gpu",)
+
+
+class RunChangedError(UsageError):
+    """The output folder holds a run with other settings; continuing would mix the two."""
+
+
+def flatten(content: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested config dicts as {dotted key: value}, tuples as lists (a checkpoint may hold either)."""
+    flat: dict[str, Any] = {}
+    for key, value in content.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[prefix + key] = list(value) if isinstance(value, tuple) else value
+    return flat
+
+
+def _matches(key: str, patterns: tuple[str, ...]) -> bool:
+    return any(key == pattern or (pattern.endswith(".") and key.startswith(pattern)) for pattern in patterns)
+
+
+def changed_settings(stored: dict[str, Any], current: Config) -> dict[str, tuple[Any, Any]]:
+    """{key: (stored value, current value)} for every setting that differs; a key the stored config lacks (a run
+    from an older version) counts as its default."""
+    defaults = flatten(config_to_dict(Config()))
+    old = {**defaults, **flatten(stored)}
+    new = flatten(config_to_dict(current))
+    return {key: (old.get(key), value) for key, value in new.items() if old.get(key) != value}
+
+
+def _describe(changes: dict[str, tuple[Any, Any]]) -> str:
+    return ", ".join(f"{key} {old!r} -> {new!r}" for key, (old, new) in changes.items())
+
+
+def check_resume(stored: dict[str, Any], current: Config) -> list[str]:
+    """Lines that tell what changed since the checkpoint, or RunChangedError if the change is not allowed."""
+    changes = changed_settings(stored, current)
+    refused = {key: change for key, change in changes.items()
+               if not _matches(key, SAME_TRAJECTORY + SAME_ALGORITHM + BATCH)
+               and not (key == "optim.epochs" and change[1] > change[0])}
+    if refused:
+        raise RunChangedError(
+            f"{current.output_dir} holds a run trained with other settings ({_describe(refused)}); to keep it, "
+            f"pass another output_dir=...; to start over in this folder, add resume=false (the old run's files are "
+            f"moved into a replaced-<date> folder inside it)")
+    notes = []
+    same = {key: change for key, change in changes.items() if _matches(key, SAME_TRAJECTORY)}
+    if same:
+        notes.append(f"changed since the checkpoint, without effect on training: {_describe(same)}")
+    algorithm = {key: change for key, change in changes.items() if _matches(key, SAME_ALGORITHM)}
+    if algorithm:
+        notes.append(f"changed since the checkpoint: {_describe(algorithm)}; the same algorithm continues, but not "
+                     "bit-identically to an uninterrupted run")
+    return notes
