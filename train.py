@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from fastdino.config import CheckedArgumentParser, load_config
@@ -35,18 +36,33 @@ def main(argv: list[str] | None = None) -> int:
     from fastdino.report import final_report
     from fastdino.trainer import NonFiniteLossError, Trainer
 
-    ctx = init_distributed(config.device)
-    trainer = Trainer(config, ctx)
+    trainer = None
     try:
+        ctx = init_distributed(config.device)
+        trainer = Trainer(config, ctx)
         trainer.train()
+        backbone = trainer.teacher_backbone()  # every rank: under FSDP this gathers the sharded teacher
+        if ctx.is_main:
+            final_report(config, backbone, trainer.device)
     except NonFiniteLossError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    backbone = trainer.teacher_backbone()  # every rank: under FSDP this gathers the sharded teacher
-    if ctx.is_main:
-        final_report(config, backbone, trainer.device)
+    except KeyboardInterrupt:
+        if os.environ.get("RANK", "0") == "0":
+            print(interrupted(trainer), file=sys.stderr)
+        return 130
     shutdown_distributed()
     return 0
+
+
+def interrupted(trainer) -> str:
+    """The one line a Ctrl-C leaves: where training was, and where the same command continues."""
+    if trainer is None:
+        return "interrupted while starting; the same command starts again"
+    if trainer.step >= trainer.schedules.total_steps:
+        return f"interrupted after training finished (step {trainer.step}); the same command redoes the evaluation"
+    return (f"interrupted at step {trainer.step}; the same command resumes from step {trainer.checkpoint_step}"
+            f"{'' if trainer.last_checkpoint else ' (no checkpoint yet)'}")
 
 
 if __name__ == "__main__":
