@@ -65,12 +65,14 @@ def plant_in_metadata(folder: Path, marker: Path) -> None:
         pickle.dump(metadata, handle)
 
 
-def plant_in_shard(folder: Path, marker: Path, entry: str) -> str:
+def plant_in_shard(folder: Path, marker: Path, entry: str, shard_file: str | None = None) -> str:
     """Replace the stored bytes of one entry (a tensor, or a non-tensor value such as the step) with a payload,
-    appended to its shard file; the metadata is rewritten to point there. Returns the shard file's name."""
+    appended to its shard file (under FSDP each rank's file holds a piece of each entry: `shard_file` picks one);
+    the metadata is rewritten to point there. Returns the shard file's name."""
     with open(folder / ".metadata", "rb") as handle:
         metadata = pickle.load(handle)
-    index = next(index for index in metadata.storage_data if index.fqn == entry)
+    index = next(index for index, info in metadata.storage_data.items()
+                 if index.fqn == entry and shard_file in (None, info.relative_path))
     info = metadata.storage_data[index]
     shard = folder / info.relative_path
     buffer = io.BytesIO()
@@ -161,16 +163,28 @@ def test_train_command_refuses_with_one_line(run, tmp_path, layout, where):
     assert sorted(path.name for path in folder.rglob("*")) == before, "the refused run wrote into its folder"
 
 
-def test_torchrun_resume_refuses_a_payload_in_a_shard(run, tmp_path):
-    folder, images, marker, bad_file = planted_sharded(run, tmp_path, "student.backbone.cls_token")
+def torchrun(images, folder):
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
                *train_command(images, folder)[1:]]
     environment = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=environment, timeout=120)
+    return subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=environment, timeout=120)
+
+
+def test_two_rank_checkpoint_with_a_payload_in_rank_1s_shard_is_refused_by_torchrun_and_one_process(run, tmp_path):
+    folder, images = tmp_path / "run", run[1]
+    assert torchrun(images, folder).returncode == 0  # FSDP over 2 ranks: one shard file per rank
+    dcp = folder / sharded_checkpoint.SHARDED_DIR
+    assert sorted(path.name for path in dcp.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+    marker = tmp_path / "marker"  # in rank 1's rows of a teacher weight
+    assert plant_in_shard(dcp, marker, "teacher.backbone.blocks.0.attn.qkv.weight", "__1_0.distcp") == "__1_0.distcp"
+    result = torchrun(images, folder)
     assert result.returncode != 0
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1, result.stderr  # rank 0 says it; rank 1 stops quietly
-    assert_refused(errors[0], bad_file, marker)
+    assert_refused(errors[0], "__1_0.distcp", marker)
+    with pytest.raises(UntrustedCheckpointError) as error:  # the same folder, continued by one process
+        Trainer(tiny_config(images, folder))
+    assert_refused(str(error.value), "__1_0.distcp", marker)
 
 
 # ---------------------------------------------------------------------------------------------- other readers
