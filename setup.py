@@ -12,6 +12,7 @@ setup(
         "torch>=2.11",
         "torchvision",
         "timm",
+        "safetensors",
         "triton; platform_system == 'Linux'",
         "numpy",
         "pillow",

@@ -7,21 +7,28 @@ Files understood by `backbone_state_dict` / `load_pretrained`:
       where the student's keys carry `module.backbone.` and the teacher's `backbone.` (early releases had neither,
       and called the head `projection_head`);
   (c) fastdino's own training checkpoints: `{'teacher': {'backbone.*', 'head.*'}, ...}`, possibly with the
-      `_orig_mod.` prefix that `torch.compile` adds.
-Head weights are dropped. Exported files hold exactly the reference's backbone keys, so they load with
+      `_orig_mod.` prefix that `torch.compile` adds, as a `.pth` file or a sharded `checkpoint_dcp/` folder.
+Every file is read as data (fastdino.checkpoint). The network is rebuilt from the weights' own shapes (embedding width
+-> architecture, patch size, depth, position-embedding grid), so no architecture flags are needed; flags that are
+given are checked against the file. Head weights are dropped. Exported files hold exactly the reference's backbone keys, so they load with
 `strict=True` into the reference ViT, into `fastdino.models` and into timm's `vit_*_patch*_224(num_classes=0)`.
 """
 from __future__ import annotations
 
 import argparse
+import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
 from fastdino import checkpoint as checkpoint_io
+from fastdino import sharded_checkpoint
+from fastdino.models.vit import ARCHITECTURES
 
 # Wrapper prefixes stripped from the front of every key, in any order and number.
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.", "backbone.")
@@ -31,12 +38,25 @@ _BACKBONE_ROOTS = frozenset({"cls_token", "pos_embed", "patch_embed", "blocks", 
 _HEAD_ROOTS = frozenset({"head", "projection_head", "prototypes", "last_layer", "mlp"})
 
 
-def load_checkpoint_file(path: str | os.PathLike) -> Mapping:
-    """Read a `.pth` file as data (`fastdino.checkpoint.load`) onto the CPU.
+def _reference_checkpoint_globals() -> list[Any]:
+    """What a full checkpoint of the reference main_dino.py holds beside tensors: its `argparse.Namespace` of
+    arguments, and numpy scalars (the lr and weight decay it sets on each optimizer group come from numpy schedules)
+    with their dtypes. Nothing else is allowed. numpy 1.x wrote the scalar under `numpy.core`, numpy 2 `numpy._core`."""
+    scalar = np._core.multiarray.scalar
+    dtype_classes = [getattr(np.dtypes, name) for name in dir(np.dtypes)
+                     if name.endswith("DType") and name[:-5] in ("Float16", "Float32", "Float64", "Int8", "Int16",
+                                                                 "Int32", "Int64", "UInt8", "UInt16", "UInt32",
+                                                                 "UInt64", "Bool")]
+    return [argparse.Namespace, scalar, (scalar, "numpy.core.multiarray.scalar"), np.dtype, *dtype_classes]
 
-    The released full DINO checkpoints pickle their argparse `Namespace`; that one class is allowed, nothing else.
-    """
-    content = checkpoint_io.load(Path(path), allowed_globals=[argparse.Namespace])
+
+def load_checkpoint_file(path: str | os.PathLike) -> Mapping:
+    """Read a checkpoint as data onto the CPU: a `.pth` file (`fastdino.checkpoint.load`, with the reference
+    checkpoints' own types allowed) or a sharded `checkpoint_dcp/` folder (its networks only)."""
+    path = Path(path)
+    if path.is_dir():
+        return sharded_checkpoint.read_networks(path)
+    content = checkpoint_io.load(path, allowed_globals=_reference_checkpoint_globals())
     if not isinstance(content, Mapping):
         raise checkpoint_io.CheckpointError(
             f"{path} holds a {type(content).__name__}, expected a dict (state dict or checkpoint)")
@@ -126,20 +146,47 @@ def _check_shapes(model: nn.Module, state_dict: Mapping[str, torch.Tensor], arch
                              f"{tuple(expected[key].shape)} in {arch}: pass the matching arch")
 
 
-def load_pretrained(path: str | os.PathLike | Mapping, arch: str, patch_size: int = 16,
-                    checkpoint_key: str = "teacher", **model_kwargs) -> nn.Module:
-    """Build `fastdino.models.build_vit(arch, patch_size=..., **model_kwargs)` and load a checkpoint's backbone.
+def describe_backbone(state_dict: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+    """The ViT a backbone state dict (reference keys) belongs to, from its shapes: arch (by embedding width),
+    patch_size, depth and img_size (the position-embedding grid times the patch size)."""
+    embed_dim, _, patch_size, _ = state_dict["patch_embed.proj.weight"].shape
+    arch = next((name for name, shape in ARCHITECTURES.items() if shape["embed_dim"] == embed_dim), None)
+    if arch is None:
+        known = ", ".join(f"{name}: {shape['embed_dim']}" for name, shape in ARCHITECTURES.items())
+        raise ValueError(f"embedding width {embed_dim} is none of the known architectures ({known})")
+    depth = 1 + max(int(key.split(".")[1]) for key in state_dict if key.startswith("blocks."))
+    grid = math.isqrt(state_dict["pos_embed"].shape[1] - 1)
+    return {"arch": arch, "patch_size": patch_size, "depth": depth, "img_size": grid * patch_size}
 
-    `path` is a file or an already-loaded checkpoint dict in any supported format (see module docstring);
-    `checkpoint_key` picks 'teacher' (DINO's evaluation default) or 'student' in training checkpoints.
-    Returns the model in eval mode on the CPU; every backbone tensor is loaded (strict).
+
+def _check_requested(found: dict[str, Any], requested: dict[str, Any], source: Any) -> None:
+    """A flag that contradicts the file is one clear line, not a size-mismatch traceback."""
+    for name, value in requested.items():
+        if value is not None and value != found[name]:
+            raise checkpoint_io.CheckpointError(
+                f"{source} holds a {found['arch']} backbone with patch size {found['patch_size']} and depth "
+                f"{found['depth']}, not {name}={value}; leave out the flag, or pass the matching checkpoint")
+
+
+def load_pretrained(path: str | os.PathLike | Mapping, arch: str | None = None, patch_size: int | None = None,
+                    checkpoint_key: str = "teacher", **model_kwargs) -> nn.Module:
+    """Load a checkpoint's backbone into the `fastdino.models` ViT its weights describe.
+
+    `path` is a file, a sharded checkpoint folder or an already-loaded checkpoint dict in any supported format (see
+    module docstring); `checkpoint_key` picks 'teacher' (DINO's evaluation default) or 'student' in training
+    checkpoints. `arch` and `patch_size`, when given, must match the file. Returns the model in eval mode on the
+    CPU; every backbone tensor is loaded (strict).
     """
     from fastdino.models import build_vit
 
     checkpoint = path if isinstance(path, Mapping) else load_checkpoint_file(path)
     state_dict = backbone_state_dict(checkpoint, checkpoint_key)
-    model = build_vit(arch, patch_size=patch_size, **model_kwargs)
-    _check_shapes(model, state_dict, arch, patch_size)
+    found = describe_backbone(state_dict)
+    _check_requested(found, {"arch": arch, "patch_size": patch_size}, "the checkpoint" if isinstance(path, Mapping)
+                     else path)
+    shape = {"depth": found["depth"], "img_size": found["img_size"], **model_kwargs}
+    model = build_vit(found["arch"], patch_size=found["patch_size"], **shape)
+    _check_shapes(model, state_dict, found["arch"], found["patch_size"])
     model.load_state_dict(state_dict, strict=True)
     return model.eval()
 
@@ -166,10 +213,14 @@ def export_backbone(checkpoint_or_state_dict: str | os.PathLike | Mapping | nn.M
 def add_backbone_arguments(parser: argparse.ArgumentParser) -> None:
     """The command-line options that say which backbone to evaluate (shared by the fastdino.eval commands)."""
     parser.add_argument("--checkpoint", required=True,
-                        help="official DINO backbone .pth, released full DINO checkpoint, or fastdino checkpoint")
-    parser.add_argument("--checkpoint-key", default="teacher", help="network to take from training checkpoints")
-    parser.add_argument("--arch", default="vit_small", help="vit_tiny, vit_small or vit_base")
-    parser.add_argument("--patch-size", type=int, default=16, help="patch size the checkpoint was trained with")
+                        help="official DINO backbone .pth, released full DINO checkpoint, fastdino checkpoint.pth or "
+                             "checkpoint_dcp/ folder")
+    parser.add_argument("--checkpoint-key", default="teacher", choices=("teacher", "student"),
+                        help="network to take from training checkpoints (default: teacher, as the reference)")
+    parser.add_argument("--arch", default=None,
+                        help="vit_tiny, vit_small or vit_base; default: read from the weights (if given, checked)")
+    parser.add_argument("--patch-size", type=int, default=None,
+                        help="default: read from the weights (if given, checked against them)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
 
 

@@ -38,13 +38,11 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 
 from fastdino import checkpoint
-from fastdino.hub import backbone_state_dict
-from fastdino.distributed import DistributedContext, full_state_dict
+from fastdino.distributed import DistributedContext
 
 SHARDED_DIR = "checkpoint_dcp"
 PLAIN_FILE = "plain.pt"
 PLAIN_KEYS = ("rng", "config")  # per-rank and nested plain data: written by rank 0 with torch.save, not DCP
-EXPORT_FILE = "teacher_export.pth"
 
 
 def _staging_paths(path: Path) -> tuple[Path, Path]:
@@ -168,6 +166,28 @@ def load_sharded(path: str | Path, template: dict[str, Any]) -> dict[str, Any]:
 def read_plain(path: str | Path) -> dict[str, Any]:
     """The entries rank 0 writes beside the shards (PLAIN_KEYS: per-rank RNG states, the config)."""
     return checkpoint.load(Path(path) / PLAIN_FILE)
+
+
+def read_networks(path: str | Path, networks: tuple[str, ...] = ("teacher", "student")) -> dict[str, Any]:
+    """The full (unsharded) weights of `networks` from a sharded checkpoint, in one process and without a training
+    state to load into: {"teacher": {name: tensor}, ...}, read as data like every checkpoint."""
+    path = Path(path)
+    if not _is_complete(path):
+        raise checkpoint.CheckpointError(
+            f"{path} is not a complete sharded checkpoint (no .metadata or {PLAIN_FILE})")
+    metadata = read_metadata(path).state_dict_metadata
+    flat = {name: torch.empty(entry.size, dtype=entry.properties.dtype) for name, entry in metadata.items()
+            if name.split(".", 1)[0] in networks and hasattr(entry, "size")}
+    try:
+        with _single_process_quiet():
+            dcp.load(flat, storage_reader=_DataOnlyReader(path), planner=_DataOnlyPlanner(), no_dist=True)
+    except dcp.CheckpointException as error:
+        raise _first_cause(error, path) from None
+    weights: dict[str, Any] = {network: {} for network in networks}
+    for name, tensor in flat.items():
+        network, key = name.split(".", 1)
+        weights[network][key] = tensor
+    return weights
 
 
 def _causes(error: dcp.CheckpointException) -> list[BaseException]:
@@ -306,21 +326,3 @@ def keep_copy(path: str | Path, destination: str | Path) -> None:
     shutil.copytree(path, tmp)
     shutil.rmtree(destination, ignore_errors=True)
     os.rename(tmp, destination)
-
-
-def export_teacher(trainer, path: str | Path | None = None, include_head: bool = False) -> Path:
-    """Write the teacher's weights as one plain state dict for downstream use, whatever the strategy.
-
-    include_head=False: backbone keys as the reference's released weights (`cls_token`, `blocks.0.attn.qkv.weight`,
-    ...): `fastdino.models.vit_*(...).load_state_dict(torch.load(path))` accepts it. include_head=True: the
-    reference checkpoint's teacher layout (`backbone.*` and `head.*`), loadable into a MultiCropWrapper.
-    Collective under FSDP (every rank calls it; rank 0 writes). Returns the path.
-    """
-    path = Path(path) if path is not None else trainer.output_dir / EXPORT_FILE
-    weights = full_state_dict(trainer.teacher)
-    if trainer.ctx.is_main:
-        if not include_head:
-            weights = backbone_state_dict(weights)
-        checkpoint.save_atomic(weights, path)
-    trainer.ctx.barrier()
-    return path

@@ -23,6 +23,7 @@ import torch.multiprocessing as mp
 from fastdino import sharded_checkpoint
 from fastdino.checkpoint import CheckpointError
 from fastdino.distributed import DistributedContext
+from fastdino.export import export_teacher
 from fastdino.models import DINOHead, MultiCropWrapper, vit_tiny
 from fastdino.trainer import Trainer
 
@@ -77,8 +78,8 @@ def scenario_export(ctx, work, trainer):
     with torch.no_grad():
         logits = trainer.teacher([probe_images()])
     hook.remove()
-    sharded_checkpoint.export_teacher(trainer, work / "backbone.pth")
-    sharded_checkpoint.export_teacher(trainer, work / "teacher.pth", include_head=True)
+    export_teacher(trainer, work / "backbone.pth")
+    export_teacher(trainer, work / "teacher.pth", include_head=True)
     if ctx.is_main:
         torch.save({"features": features["cls"], "logits": logits}, work / "inside.pt")
 

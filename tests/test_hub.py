@@ -179,8 +179,11 @@ def test_unknown_formats_are_explained(tmp_path):
 
 def test_architecture_mismatch_is_explained():
     weights = reference_backbone_state_dict(seed=8)
-    with pytest.raises(ValueError, match="patch size 16.*pass the matching arch/patch_size"):
-        load_pretrained(weights, "vit_tiny", patch_size=8, depth=TINY["depth"], img_size=TINY["img"])
+    with pytest.raises(CheckpointError, match="holds a vit_tiny backbone with patch size 16 and depth 2, not "
+                                              "patch_size=8; leave out the flag"):
+        load_pretrained(weights, "vit_tiny", patch_size=8)
+    with pytest.raises(CheckpointError, match="not arch=vit_small"):
+        load_pretrained(weights, "vit_small")
     with pytest.raises(ValueError, match="img_size"):
         load_pretrained(weights, "vit_tiny", patch_size=16, depth=TINY["depth"], img_size=64)
     with pytest.raises(ValueError, match="missing"):

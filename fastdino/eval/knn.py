@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Subset
 from torchvision import transforms
 
 from fastdino import checkpoint as checkpoint_io
-from fastdino.config import RULES, CheckedArgumentParser, Rule, existing_file, existing_folder, not_a_file, positive
+from fastdino.config import RULES, CheckedArgumentParser, Rule, existing_folder, existing_path, not_a_file, positive
 from fastdino.data import IMAGENET_MEAN, IMAGENET_STD, ImageFolderDataset
 from fastdino.errors import report_usage_errors
 
@@ -235,7 +235,7 @@ def backbone_option_rules() -> dict[str, Rule]:
     """The rules of the options `hub.add_backbone_arguments` adds (shared by the fastdino.eval commands)."""
     from fastdino.preflight import device_option
 
-    return {"--checkpoint": existing_file, "--arch": RULES["model.arch"], "--patch-size": RULES["model.patch_size"],
+    return {"--checkpoint": existing_path, "--arch": RULES["model.arch"], "--patch-size": RULES["model.patch_size"],
             "--device": device_option()}
 
 

@@ -1,0 +1,164 @@
+"""Any checkpoint rebuilds its network with no architecture flags; the reference's full main_dino.py checkpoints
+load; `python -m fastdino.export` writes both layouts and checks them; torch.hub builds the backbone."""
+import argparse
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from helpers import tiny_config, write_image_folder
+from test_hub import reference_backbone_state_dict, reference_head_state_dict, timm_features
+
+from fastdino import checkpoint, sharded_checkpoint
+from fastdino.checkpoint import CheckpointError, UntrustedCheckpointError
+from fastdino.distributed import DistributedContext
+from fastdino.export import export, read_weights, timm_model
+from fastdino.hub import describe_backbone, load_pretrained
+from fastdino.trainer import Trainer
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO_MODEL = ["model.depth=4", "model.patch_size=4", "model.out_dim=1024", "model.head_hidden_dim=512",
+              "model.head_bottleneck_dim=128", "data.global_crop_size=16", "data.local_crop_size=8"]
+
+
+@pytest.fixture(scope="module")
+def demo_like_run(tmp_path_factory):
+    """A run with the demo's network (ViT-Tiny/4, 4 blocks, 16 px crops), stopped mid-epoch, in both formats."""
+    root = tmp_path_factory.mktemp("demo_like")
+    images = write_image_folder(root / "images")
+    trainer = Trainer(tiny_config(images, root / "run", *DEMO_MODEL))
+    trainer.train(stop_after_steps=3)
+    trainer.save()
+    sharded_checkpoint.save_sharded(trainer.state_dict(), root / "run" / sharded_checkpoint.SHARDED_DIR,
+                                    DistributedContext.single())
+    return root / "run", images, trainer
+
+
+def features(model, image_size):
+    images = torch.randn(2, 3, image_size, image_size, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        return model.eval()(images)
+
+
+@pytest.mark.parametrize("layout", [checkpoint.LATEST, sharded_checkpoint.SHARDED_DIR])
+@pytest.mark.parametrize("key", ["teacher", "student"])
+def test_a_run_rebuilds_its_network_without_flags(demo_like_run, layout, key):
+    run, _, trainer = demo_like_run
+    model = load_pretrained(run / layout, checkpoint_key=key)
+    assert describe_backbone(model.state_dict()) == {"arch": "vit_tiny", "patch_size": 4, "depth": 4, "img_size": 16}
+    network = trainer.teacher if key == "teacher" else trainer.student
+    assert torch.equal(features(model, 16), features(network.backbone, 16))
+
+
+def test_a_flag_that_contradicts_the_file_is_one_line(demo_like_run):
+    run, images, _ = demo_like_run
+    result = subprocess.run([sys.executable, "-m", "fastdino.eval.knn", "--checkpoint", str(run / checkpoint.LATEST),
+                             "--patch-size", "16", "--train-dir", str(images), "--val-dir", str(images),
+                             "--device", "cpu", "--image-size", "16", "--k", "3", "--num-workers", "0"],
+                            capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip() == (f"error: {run / checkpoint.LATEST} holds a vit_tiny backbone with patch size 4 "
+                                     "and depth 4, not patch_size=16; leave out the flag, or pass the matching "
+                                     "checkpoint")
+
+
+def test_knn_command_takes_a_sharded_folder_with_no_flags(demo_like_run):
+    run, images, _ = demo_like_run
+    outputs = []
+    for source in (run / checkpoint.LATEST, run / sharded_checkpoint.SHARDED_DIR):
+        result = subprocess.run([sys.executable, "-m", "fastdino.eval.knn", "--checkpoint", str(source),
+                                 "--train-dir", str(images), "--val-dir", str(images), "--device", "cpu",
+                                 "--image-size", "16", "--k", "3", "--num-workers", "0"],
+                                capture_output=True, text=True, cwd=REPO)
+        assert result.returncode == 0, result.stderr
+        outputs.append([line for line in result.stdout.splitlines() if line.startswith("3-NN")])
+    assert outputs[0] == outputs[1] and len(outputs[0]) == 1
+
+
+# ------------------------------------------------------------------------ the reference's full checkpoints
+def reference_full_checkpoint(path, steps=3):
+    """A checkpoint laid out as main_dino.py saves it, after real optimizer steps whose lr and weight decay were set
+    from numpy schedules (so the optimizer groups hold numpy floats), with its argparse args and fp16 scaler."""
+    backbone = reference_backbone_state_dict(seed=5)
+    student = {**{f"module.backbone.{k}": v.clone() for k, v in backbone.items()},
+               **reference_head_state_dict("module.head.")}
+    parameters = [torch.nn.Parameter(value.clone()) for value in student.values()]
+    optimizer = torch.optim.AdamW([{"params": parameters[::2]}, {"params": parameters[1::2], "weight_decay": 0.0}])
+    lr_schedule, wd_schedule = np.linspace(1e-4, 5e-4, steps), np.linspace(0.04, 0.06, steps)
+    for step in range(steps):
+        for index, group in enumerate(optimizer.param_groups):
+            group["lr"] = lr_schedule[step]
+            if index == 0:
+                group["weight_decay"] = wd_schedule[step]
+        sum((p ** 2).sum() for p in parameters).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert isinstance(optimizer.state_dict()["param_groups"][0]["lr"], np.floating)
+    torch.save({"student": student, "teacher": {f"backbone.{k}": v for k, v in backbone.items()},
+                "optimizer": optimizer.state_dict(), "epoch": 3,
+                "args": argparse.Namespace(arch="vit_tiny", patch_size=16, out_dim=32, lr=np.float64(5e-4)),
+                "dino_loss": {"center": torch.zeros(1, 32)},
+                "fp16_scaler": {"scale": 65536.0, "growth_factor": 2.0, "backoff_factor": 0.5,
+                                "growth_interval": 2000, "_growth_tracker": 7}}, path)
+    return backbone
+
+
+def test_a_real_reference_checkpoint_loads_without_flags(tmp_path):
+    backbone = reference_full_checkpoint(tmp_path / "checkpoint.pth")
+    model = load_pretrained(tmp_path / "checkpoint.pth")
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours = model(images)
+    assert torch.allclose(ours, timm_features(backbone, images), atol=1e-5)
+
+
+def test_numpy_arrays_are_still_refused(tmp_path):
+    torch.save({"teacher": reference_backbone_state_dict(seed=5), "extra": np.zeros(3)}, tmp_path / "c.pth")
+    with pytest.raises(UntrustedCheckpointError, match="numpy"):
+        load_pretrained(tmp_path / "c.pth")
+
+
+# ------------------------------------------------------------------------ export
+@pytest.mark.parametrize("name", ["teacher.safetensors", "teacher.pth"])
+@pytest.mark.parametrize("format", ["reference", "timm"])
+def test_export_round_trips_and_loads_into_timm(demo_like_run, tmp_path, name, format):
+    run, _, trainer = demo_like_run
+    line = export(run / sharded_checkpoint.SHARDED_DIR, tmp_path / name, format)
+    assert line.startswith(f"wrote {tmp_path / name}: the teacher backbone") and "same features" in line
+    written = read_weights(tmp_path / name)
+    if name.endswith(".safetensors"):
+        with open(tmp_path / name, "rb") as handle:  # a safetensors file: JSON header, no pickle
+            assert handle.read(9)[8:9] == b"{"
+    independent = timm_model({"arch": "vit_tiny", "patch_size": 4, "depth": 4, "img_size": 16})
+    independent.load_state_dict(written, strict=True)
+    assert torch.allclose(features(independent, 16), features(trainer.teacher.backbone, 16), atol=1e-5)
+
+
+def test_export_command_prints_what_it_wrote(demo_like_run, tmp_path):
+    run, _, _ = demo_like_run
+    result = subprocess.run([sys.executable, "-m", "fastdino.export", str(run / checkpoint.LATEST), "--out",
+                             str(tmp_path / "student.pth"), "--checkpoint-key", "student"],
+                            capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"wrote {tmp_path / 'student.pth'}: the student backbone")
+    assert "vit_tiny, patch 4, depth 4, 16 px position grid" in result.stdout
+    bad = subprocess.run([sys.executable, "-m", "fastdino.export", str(run / checkpoint.LATEST), "--out",
+                          str(tmp_path / "x.pth"), "--format", "onnx"], capture_output=True, text=True, cwd=REPO)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "--format" in bad.stderr
+
+
+def test_an_incomplete_sharded_folder_is_one_line(tmp_path):
+    (tmp_path / "checkpoint_dcp").mkdir()
+    with pytest.raises(CheckpointError, match="not a complete sharded checkpoint"):
+        load_pretrained(tmp_path / "checkpoint_dcp")
+
+
+def test_torch_hub_builds_and_loads_the_backbone(demo_like_run):
+    run, _, trainer = demo_like_run
+    model = torch.hub.load(str(REPO), "vit_tiny", patch_size=4, weights=str(run / checkpoint.LATEST),
+                           source="local")
+    assert torch.equal(features(model, 16), features(trainer.teacher.backbone, 16))
+    random_init = torch.hub.load(str(REPO), "vit_small", patch_size=8, source="local")
+    assert random_init.patch_embed.proj.weight.shape == (384, 3, 8, 8)
