@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
         trainer.train()
         backbone = trainer.teacher_backbone()  # every rank: under FSDP this gathers the sharded teacher
         if ctx.is_main:
-            final_report(config, backbone, trainer.device)
+            final_report(config, backbone, trainer.device, trainer.step)
     except NonFiniteLossError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 from fastdino.checkpoint import temporary_path
@@ -46,22 +47,34 @@ class MetricsLogger:
                     self._writer.add_scalar(key, value, row["step"])
 
     def _keep_rows_up_to(self, step: int) -> None:
-        """Drop rows after `step`, and a last row a kill cut short; replaced atomically, so a kill here loses
-        nothing either."""
-        if not self.path.is_file():
-            return
-        kept = []
-        for line in self.path.read_text().splitlines():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:  # the row being written when the run was killed
-                continue
-            if row["step"] <= step:
-                kept.append(line)
-        tmp = temporary_path(self.path)
-        tmp.write_text("".join(line + "\n" for line in kept))
-        os.replace(tmp, self.path)
+        """Drop rows after `step`, and a last row a kill cut short."""
+        if self.path.is_file():
+            _rewrite_rows(self.path, lambda row: row if row["step"] <= step else None)
 
     def close(self) -> None:
         if self._writer is not None:
             self._writer.close()
+
+
+def _rewrite_rows(path: Path, change: Callable[[dict[str, Any]], dict[str, Any] | None]) -> None:
+    """Pass every row through `change` (None drops it; a row a kill cut short is dropped) and replace the file
+    atomically, so a kill here loses nothing either."""
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            row = change(json.loads(line))
+        except json.JSONDecodeError:  # the row being written when the run was killed
+            continue
+        if row is not None:
+            rows.append(json.dumps(row))
+    tmp = temporary_path(path)
+    tmp.write_text("".join(row + "\n" for row in rows))
+    os.replace(tmp, path)
+
+
+def add_to_row(output_dir: str | Path, step: int, values: dict[str, Any]) -> None:
+    """Merge `values` into the row of `step` in `<output_dir>/log.jsonl` (e.g. the final evaluation into the last
+    training step's row), so each step stays one row however often the evaluation is redone."""
+    path = Path(output_dir) / "log.jsonl"
+    if path.is_file():
+        _rewrite_rows(path, lambda row: {**row, **values} if row["step"] == step else row)

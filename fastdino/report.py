@@ -2,18 +2,24 @@
 weights, attention pictures of the teacher, and the training curves."""
 from __future__ import annotations
 
+import json
 import logging
+import os
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from fastdino.checkpoint import temporary_path
 from fastdino.config import Config
 from fastdino.eval.attention import save_attention_maps
 from fastdino.eval.knn import knn_accuracy
 from fastdino.eval.plots import plot_training_curves
+from fastdino.metrics import add_to_row
 
 log = logging.getLogger("fastdino")
+
+RESULTS_FILE = "results.json"
 
 
 def knn_top1(backbone: nn.Module, config: Config, device: torch.device) -> float:
@@ -52,8 +58,23 @@ def _add_pictures_to_tensorboard(log_dir: Path, pictures: list[Path]) -> None:
             writer.add_image(f"attention/{path.stem}", pixels, dataformats="HWC")
 
 
-def final_report(config: Config, teacher_backbone: nn.Module, device: torch.device) -> dict[str, float]:
-    """Writes the pictures into the run directory and prints the kNN lines last."""
+def _keep_results(run_dir: Path, step: int, results: dict[str, float]) -> None:
+    """The final figures where a user and a script look for them: `results.json`, the last row of `log.jsonl`,
+    and TensorBoard scalars at the last step."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    tmp = temporary_path(run_dir / RESULTS_FILE)
+    tmp.write_text(json.dumps({"step": step, **results}, indent=1) + "\n")
+    os.replace(tmp, run_dir / RESULTS_FILE)
+    add_to_row(run_dir, step, results)
+    with SummaryWriter(log_dir=str(run_dir / "tensorboard")) as writer:
+        for name, value in results.items():
+            writer.add_scalar(f"final/{name}", value, step)
+
+
+def final_report(config: Config, teacher_backbone: nn.Module, device: torch.device, step: int) -> dict[str, float]:
+    """Writes the pictures into the run directory, keeps the kNN figures (see `_keep_results`) and prints the kNN
+    lines last. `step`: the step the evaluated teacher was trained to."""
     run_dir = Path(config.output_dir)
     results: dict[str, float] = {}
     log_path = run_dir / "log.jsonl"
@@ -72,6 +93,7 @@ def final_report(config: Config, teacher_backbone: nn.Module, device: torch.devi
     if config.eval.final_knn:
         results["knn_top1_trained"] = knn_top1(teacher_backbone, config, device)
         results["knn_top1_random_init"] = knn_top1(initial_backbone(config).to(device), config, device)
+        _keep_results(run_dir, step, results)
         print(f"kNN top-1 (trained): {results['knn_top1_trained']:.2f}%")
         print(f"kNN top-1 (random init): {results['knn_top1_random_init']:.2f}%")
     return results

@@ -16,14 +16,24 @@ def image_folder(tmp_path_factory):
 
 
 def test_a_few_steps_lower_the_loss_on_a_fixed_batch(image_folder, tmp_path):
-    """With the teacher held still (momentum 1) the student must learn to match it."""
-    config = tiny_config(image_folder, tmp_path, "dino.momentum_teacher=1.0", "optim.freeze_last_layer=0",
-                         "optim.warmup_epochs=0", "optim.lr=0.02", "model.drop_path_rate=0.0")
+    """With the teacher and its target held still (momentum 1, center momentum 1) the student must learn to match it.
+
+    The loss is H(teacher) + KL(teacher || student); with the center frozen the first term is constant, so the
+    student's progress is the KL alone, and it is judged relative to where it started. (A moving center shifts the
+    teacher entropy by as much as the student learns, up or down depending on the seed.) Over 8 steps the KL falls
+    to 0.2-0.6 of its start for every seed tried (0..39 under torch 2.11, 0..19 under 2.14): at most 3/4 has margin.
+    """
+    config = tiny_config(image_folder, tmp_path, "dino.momentum_teacher=1.0", "dino.center_momentum=1.0",
+                         "optim.freeze_last_layer=0", "optim.warmup_epochs=0", "optim.lr=0.02",
+                         "model.drop_path_rate=0.0")
     trainer = Trainer(config)
     crops, _ = next(iter(trainer.loader.epoch_iter(0)))
-    losses = [trainer.train_step(crops, epoch=0).loss.item() for _ in range(8)]
-    trainer.step = 0
-    assert losses[-1] < losses[0] - 0.05, losses
+    outputs = [trainer.train_step(crops, epoch=0, monitors=True) for _ in range(8)]
+    entropy = [output.teacher_entropy.item() for output in outputs]
+    kl = [output.teacher_student_kl.item() for output in outputs]
+    assert entropy[-1] == pytest.approx(entropy[0], rel=1e-4), entropy  # the target did not move
+    assert kl[-1] < 0.75 * kl[0], kl
+    assert outputs[-1].loss.item() < outputs[0].loss.item() - 0.25 * kl[0]
 
 
 def state_of(trainer):
@@ -120,18 +130,28 @@ def test_random_init_baseline_is_the_network_training_started_from(image_folder,
 
 def test_command_line_run_ends_with_knn_lines_and_pictures(image_folder, tmp_path, capsys):
     """The main job's shape: train, then pictures, a curve, and the two kNN lines printed last."""
-    code = train.main([
+    arguments = [
         f"data.path={image_folder}", f"output_dir={tmp_path}", "model.arch=vit_tiny", "model.depth=1",
         "model.patch_size=8", "model.out_dim=64", "model.head_hidden_dim=32", "model.head_bottleneck_dim=16",
         "data.global_crop_size=16", "data.local_crop_size=8", "data.local_crops_number=2",
         "data.batch_size_per_gpu=8", "data.num_workers=0", "optim.epochs=1", "optim.warmup_epochs=0",
         f"eval.knn_train_path={image_folder}", f"eval.knn_val_path={image_folder}", "eval.image_size=16",
         "eval.final_knn=true", "eval.knn_k=5", "eval.attention_images=1", "eval.attention_image_size=32",
-    ])
-    assert code == 0
+    ]
+    assert train.main(arguments) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[-2].startswith("kNN top-1 (trained): ") and lines[-2].endswith("%")
     assert lines[-1].startswith("kNN top-1 (random init): ") and lines[-1].endswith("%")
     assert (tmp_path / "training_curves.png").is_file()
     assert len(list((tmp_path / "attention").glob("*-overview.png"))) == 1
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    # the figures are kept: results.json, the last log row, TensorBoard; a rerun redoes them without a second row
+    printed = [float(line.rsplit(" ", 1)[1].rstrip("%")) for line in lines[-2:]]
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["step"] == 2 and [results["knn_top1_trained"], results["knn_top1_random_init"]] == \
+        pytest.approx(printed, abs=0.005)
+    rows = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows] == [2] and rows[-1]["knn_top1_trained"] == results["knn_top1_trained"]
+    assert train.main(arguments) == 0
+    rows = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows] == [2] and "knn_top1_random_init" in rows[-1]
