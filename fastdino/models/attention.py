@@ -12,6 +12,10 @@ Two layouts are supported:
   directly (`BlockDiagonalMask`); `sdpa` on CUDA in fp16/bf16 uses PyTorch's variable-length flash attention
   (`torch.nn.attention.varlen.varlen_attn`, the same block-diagonal function); otherwise (CPU, fp32, `math`) the mask
   is built explicitly, chunk by chunk so that the mask and the score matrix stay small whatever the number of tokens.
+
+The lengths are host integers; what the device needs of them is built without a host sync (this runs in every block
+of every training step): per-token values from runs of equal lengths (one per crop resolution) with Python-scalar
+arguments, and the sequence starts of the varlen kernels copied from pinned memory without blocking.
 """
 from __future__ import annotations
 
@@ -64,10 +68,36 @@ def _torch_varlen_attention(q: Tensor, k: Tensor, v: Tensor, seq_lens: Sequence[
     """Block-diagonal attention with PyTorch's flash varlen kernel; q, k, v [1, T, heads, head_dim] fp16/bf16."""
     from torch.nn.attention.varlen import varlen_attn
 
-    starts = torch.tensor([0, *itertools.accumulate(seq_lens)], dtype=torch.int32, device=q.device)
+    starts = to_device_async(torch.tensor([0, *itertools.accumulate(seq_lens)], dtype=torch.int32), q.device)
     longest = max(seq_lens)
     out = varlen_attn(q[0].contiguous(), k[0].contiguous(), v[0].contiguous(), starts, starts, longest, longest)
     return out.unsqueeze(0)
+
+
+def to_device_async(host: Tensor, device: torch.device) -> Tensor:
+    """A small host tensor on `device`, copied without blocking the host.
+
+    A plain `.to(cuda)` from pageable memory waits until the stream has finished all the work queued before it (a host
+    sync); from pinned memory with non_blocking the copy is only queued behind that work (xformers' masks do the same).
+    """
+    if device.type == "cpu":
+        return host
+    return host.pin_memory().to(device, non_blocking=True)
+
+
+def per_token(values: Tensor, seq_lens: Sequence[int]) -> Tensor:
+    """Per-sequence `values` [n, ...] repeated over each sequence's tokens -> [sum(seq_lens), ...], on values' device.
+
+    Built run by run, with the lengths as Python scalars: `repeat_interleave` with a tensor of lengths would need
+    the lengths on the device (an upload) and the output size from it (a sync). A packed multi-crop batch holds one
+    run per crop resolution, so this is a few small ops.
+    """
+    pieces, first = [], 0
+    for length, run in itertools.groupby(seq_lens):
+        count = sum(1 for _ in run)
+        pieces.append(values[first:first + count].repeat_interleave(length, dim=0))
+        first += count
+    return torch.cat(pieces)
 
 
 def check_backend_name(backend: str) -> str:
@@ -133,9 +163,7 @@ def dense_attention(q: Tensor, k: Tensor, v: Tensor, backend: str = "auto") -> T
 
 def block_diagonal_mask(seq_lens: Sequence[int], device: torch.device | str = "cpu") -> Tensor:
     """`[T, T]` bool mask, True where query and key tokens belong to the same sequence (T = sum(seq_lens))."""
-    sequence_id = torch.repeat_interleave(
-        torch.arange(len(seq_lens), device=device), torch.as_tensor(list(seq_lens), device=device)
-    )
+    sequence_id = per_token(torch.arange(len(seq_lens), device=device), seq_lens)
     return sequence_id[:, None] == sequence_id[None, :]
 
 

@@ -9,6 +9,14 @@ A "sample" is a row of a dense `[B, N, D]` batch, or one sequence of a packed `[
 `seq_lens`. In the packed multi-crop forward each sequence is one crop of one image, so every (crop, image) gets its
 own independent mask: the same distribution as the reference, which draws an independent mask over the rows of each
 per-resolution backbone call.
+
+No host sync (this runs in every residual branch of every training step, 24 per ViT-S student forward): the branch's
+input size is the number of kept samples, so the host must know it without reading it from the device. The keep
+decisions are therefore drawn on the host, from the CPU generator with the reference's rule (the very draws of the
+reference on a CPU; on a GPU the reference draws from the GPU generator, whose values the host could only read by
+waiting for the device), read there, and copied to the device from pinned memory without blocking. The kept index is
+built on the device from that mask and the count the host knows (a stable sort, not `nonzero()`, which reads the count
+back from the device).
 """
 from __future__ import annotations
 
@@ -16,6 +24,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
+
+from fastdino.models.attention import per_token, to_device_async
 
 # branch(x, seq_lens) -> same shape as x; seq_lens is None for dense batches.
 Branch = Callable[[Tensor, Sequence[int] | None], Tensor]
@@ -32,26 +42,21 @@ def drop_path(x: Tensor, drop_prob: float = 0.0, training: bool = False) -> Tens
 
 
 def _draw_keep(num_samples: int, keep_prob: float) -> Tensor:
-    """Per-sample keep decisions [num_samples] bool, drawn on the CPU so the kept count is known without a device
-    sync; the reference's rule floor(keep_prob + U), so a CPU fp32 reference run with the same seed keeps the same."""
-    return (keep_prob + torch.rand(num_samples)).floor_() == 1
+    """Per-sample keep decisions [num_samples] bool on the host: the reference's rule floor(keep_prob + U) with U from
+    the CPU generator, so a CPU fp32 reference run with the same seed keeps the same samples."""
+    return (keep_prob + torch.rand(num_samples, device="cpu")).floor_() == 1
 
 
 def _token_keep_scale(seq_lens: Sequence[int], keep_prob: float, device: torch.device, dtype: torch.dtype) -> Tensor:
     """`[1, T, 1]` factor: 1/keep_prob on tokens of kept sequences, 0 elsewhere (one draw per sequence)."""
     keep = _draw_keep(len(seq_lens), keep_prob).to(dtype) / keep_prob
-    per_token = torch.repeat_interleave(keep, torch.as_tensor(list(seq_lens)))
-    return per_token.to(device)[None, :, None]
+    return per_token(to_device_async(keep, device), seq_lens)[None, :, None]
 
 
-def _kept_token_index(seq_lens: Sequence[int], keep: Tensor) -> Tensor:
-    """Token positions (in the packed sequence) of the sequences marked in `keep` `[num_sequences]` bool."""
-    lengths = torch.as_tensor(list(seq_lens))
-    starts = torch.cumsum(lengths, 0) - lengths
-    kept_lengths, kept_starts = lengths[keep], starts[keep]
-    # position within the kept tokens, shifted to the start of the sequence each token belongs to
-    offsets = torch.repeat_interleave(kept_starts - (torch.cumsum(kept_lengths, 0) - kept_lengths), kept_lengths)
-    return torch.arange(int(kept_lengths.sum())) + offsets
+def _first_true(mask: Tensor, count: int) -> Tensor:
+    """Positions of the `count` True entries of `mask` [n], ascending. A stable sort puts them first; `nonzero()`
+    would need the count from the device, a host sync, while here the host already knows it."""
+    return torch.argsort(mask.logical_not(), stable=True)[:count]
 
 
 def plain_residual(
@@ -78,17 +83,16 @@ def efficient_residual(
     if drop_prob == 0.0 or not training:
         return x + branch(x, seq_lens)
     keep_prob = 1.0 - drop_prob
+    keep = _draw_keep(x.shape[0] if seq_lens is None else len(seq_lens), keep_prob)
+    kept = keep.tolist()  # a read of host memory, not of the device
+    if not any(kept):
+        return x
+    keep = to_device_async(keep, x.device)
     if seq_lens is None:
-        keep = _draw_keep(x.shape[0], keep_prob)
-        index = keep.nonzero().squeeze(1).to(x.device)
-        if index.numel() == 0:
-            return x
+        index = _first_true(keep, sum(kept))
         y = branch(x.index_select(0, index), None)
         return x.index_add(0, index, y.to(x.dtype), alpha=1.0 / keep_prob)
-    keep = _draw_keep(len(seq_lens), keep_prob)
-    if not keep.any():
-        return x
-    kept_lens = [length for length, kept in zip(seq_lens, keep.tolist()) if kept]
-    index = _kept_token_index(seq_lens, keep).to(x.device)
+    kept_lens = [length for length, is_kept in zip(seq_lens, kept) if is_kept]
+    index = _first_true(per_token(keep, seq_lens), sum(kept_lens))
     y = branch(x.index_select(1, index), kept_lens)
     return x.index_add(1, index, y.to(x.dtype), alpha=1.0 / keep_prob)

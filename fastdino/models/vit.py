@@ -241,12 +241,14 @@ class VisionTransformer(nn.Module):
         if len(images) == 1:
             return self.forward(images[0])
         tokens = [self.prepare_tokens(batch) for batch in images]
-        seq_lens = [t.shape[1] for t in tokens for _ in range(t.shape[0])]
+        shapes = [t.shape[:2] for t in tokens]
+        seq_lens = [length for batch, length in shapes for _ in range(batch)]
         x = torch.cat([t.flatten(0, 1) for t in tokens]).unsqueeze(0)
         for block in self.blocks:
             x = block(x, seq_lens)
-        cls_positions = torch.cumsum(torch.tensor([0] + seq_lens[:-1]), 0).to(x.device)
-        return self.norm(x[0].index_select(0, cls_positions))
+        # CLS tokens by views of each resolution's part: an index tensor would have to be copied to the device
+        parts = x[0].split([batch * length for batch, length in shapes])
+        return self.norm(torch.cat([part.unflatten(0, shape)[:, 0] for part, shape in zip(parts, shapes)]))
 
     def get_last_selfattention(self, images: Tensor) -> Tensor:
         """Attention weights of the last block, [B, heads, N, N] with N = 1 + number of patches (reference math)."""
