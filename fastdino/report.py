@@ -23,7 +23,10 @@ RESULTS_FILE = "results.json"
 
 
 def knn_top1(backbone: nn.Module, config: Config, device: torch.device) -> float:
-    """Weighted kNN top-1 (%) of `backbone` features, memory bank = eval.knn_train_path, queries = knn_val_path."""
+    """Weighted kNN top-1 (%) of `backbone` features, memory bank = eval.knn_train_path, queries = knn_val_path.
+
+    Runs in this process alone (rank 0 of a run calls it; the other ranks do not take part, so it must not split
+    the extraction across them)."""
     result = knn_accuracy(
         backbone,
         config.eval.knn_train_path,
@@ -33,6 +36,7 @@ def knn_top1(backbone: nn.Module, config: Config, device: torch.device) -> float
         k=config.eval.knn_k,
         temperature=config.eval.knn_temperature,
         num_workers=config.data.num_workers,
+        collective=False,
     )
     return result["top1"]
 

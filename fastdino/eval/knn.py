@@ -87,8 +87,11 @@ def _all_gather_rows(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def extract_dataset_features(backbone: nn.Module, dataset, device: torch.device | str, batch_size: int = 128,
-                             num_workers: int = 4, amp: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """`extract_features` over a whole dataset, split across ranks when torch.distributed is initialized.
+                             num_workers: int = 4, amp: bool = False,
+                             collective: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """`extract_features` over a whole dataset, split across ranks when torch.distributed is initialized and
+    `collective` (then every rank must call it); collective=False: this process extracts everything alone (for a
+    caller that runs on one rank only, e.g. training's kNN on rank 0).
 
     Rank r takes the contiguous share [r*S, (r+1)*S) with S = ceil(N / world); the last shares are padded by repeating
     the final sample so that every rank runs the same number of forward passes (FSDP-safe), and the gathered rows are
@@ -96,7 +99,7 @@ def extract_dataset_features(backbone: nn.Module, dataset, device: torch.device 
     """
     if len(dataset) == 0:
         raise ValueError("cannot extract features of an empty dataset")
-    rank, world_size = _rank_and_world_size()
+    rank, world_size = _rank_and_world_size() if collective else (0, 1)
     count = len(dataset)
     share = math.ceil(count / world_size)
     indices = [min(i, count - 1) for i in range(rank * share, (rank + 1) * share)]
@@ -194,12 +197,15 @@ def _labelled_folders(train_dir: str | os.PathLike, val_dir: str | os.PathLike, 
 
 def knn_accuracy(backbone: nn.Module, train_dir: str | os.PathLike, val_dir: str | os.PathLike, image_size: int,
                  device: torch.device | str, batch_size: int = 128, k: int = 20, temperature: float = 0.07,
-                 num_workers: int = 4, amp: bool = False) -> dict[str, float | None]:
+                 num_workers: int = 4, amp: bool = False, collective: bool = True) -> dict[str, float | None]:
     """kNN top-1/top-5 (%) of `backbone` on two class-folder datasets with the same classes (the periodic eval of
-    training: point it at a held-out subset). Collective when torch.distributed is initialized: call on every rank."""
+    training: point it at a held-out subset). Collective when torch.distributed is initialized: call on every rank;
+    collective=False runs it in this process alone (see `extract_dataset_features`)."""
     train_set, val_set = _labelled_folders(train_dir, val_dir, eval_transform(image_size))
-    train_features, train_labels = extract_dataset_features(backbone, train_set, device, batch_size, num_workers, amp)
-    val_features, val_labels = extract_dataset_features(backbone, val_set, device, batch_size, num_workers, amp)
+    train_features, train_labels = extract_dataset_features(backbone, train_set, device, batch_size, num_workers, amp,
+                                                            collective)
+    val_features, val_labels = extract_dataset_features(backbone, val_set, device, batch_size, num_workers, amp,
+                                                        collective)
     return knn_classify(train_features, train_labels, val_features, val_labels, k=k, temperature=temperature,
                         num_classes=len(train_set.classes))
 
