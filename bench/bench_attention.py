@@ -111,8 +111,8 @@ def main(argv: list[str] | None = None) -> dict:
     results = bench_dense(device, dtype, args.smoke, warmup, reps)
     results += bench_multicrop(device, dtype, args.smoke, warmup, reps)
     report = dict(new_report("attention", device, args.smoke), results=results)
-    print_rows(results, dict(what="", model="", tokens="", layout="", backend="", median_ms=".3f", tflops=".2f",
-                             rel_error_vs_math=".1e"))
+    print_rows(report, results, dict(what="", model="", tokens="", layout="", backend="", median_ms=".3f",
+                                     tflops=".2f", rel_error_vs_math=".1e"))
     write_report(report, "attention", args.out, args.smoke)
     return report
 

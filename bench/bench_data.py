@@ -11,7 +11,6 @@ Unlike the other benchmarks it runs on the CPU too (no CUDA: batches stay on the
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
 import tempfile
@@ -24,7 +23,9 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from bench.common import bench_parser, dtype_name, new_report, synchronize, write_jpegs, write_report  # noqa: E402
+from bench.common import (  # noqa: E402
+    bench_parser, dtype_name, new_report, print_rows, synchronize, write_jpegs, write_report,
+)
 from fastdino.config import RULES, existing_folder, non_negative, positive  # noqa: E402
 from fastdino.data.augment import DataAugmentationDINO  # noqa: E402
 from fastdino.data.datasets import ImageFolderDataset  # noqa: E402
@@ -120,7 +121,10 @@ def main(argv: list[str] | None = None) -> dict:
                       batch_size=args.batch_size, crops=f"2x{args.global_size}^2 + {args.local_crops}x"
                       f"{args.local_size}^2", steps=args.steps, warmup=args.warmup, cpu_count=os.cpu_count()),
         results=results)
-    print(json.dumps(report, indent=2))
+    rows = [dict(loader=name, dali_speedup=results.get("dali_speedup") if name == "dali" else None, **result)
+            for name, result in results.items() if name != "dali_speedup"]
+    print_rows(report, rows, dict(loader="", skipped="", images_per_s=".1f", images="", seconds=".2f", workers="",
+                                  threads="", dali_speedup=".2f"))
     write_report(report, "data", args.out, args.smoke)
     return report
 

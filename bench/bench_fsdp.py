@@ -197,8 +197,8 @@ def main(argv: list[str] | None = None) -> dict:
                 rows, memory = bench_model(name, args, device, ctx, data)
                 report["results"] += rows
                 report["memory"][name] = memory
-                print_rows(rows, {"model": "s", "variant": "s", "step_ms": ".1f", "peak_gib": ".2f",
-                                  "overhead_vs_single_device": ".3f", "error": "s"})
+                print_rows(report, rows, {"model": "s", "variant": "s", "step_ms": ".1f", "peak_gib": ".2f",
+                                          "overhead_vs_single_device": ".3f", "error": "s"})
                 if memory:
                     print(f"{name}: {memory['parameters'] / 1e6:.1f}M parameters, "
                           f"{memory['bytes_per_parameter']:.1f} bytes per parameter of training state")

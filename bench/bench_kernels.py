@@ -152,9 +152,9 @@ def main(argv: list[str] | None = None) -> dict:
         row["fraction_of_copy_bandwidth"] = row["achieved_gb_per_s"] / copy_gbs
     report = dict(new_report("kernels", device, args.smoke), peak_bandwidth_gb_per_s=peak / 1e9 if peak else None,
                   copy_bandwidth_gb_per_s=copy_gbs, results=results)
-    print_rows(results, dict(what="", variant="", dtype="", model="", median_ms=".3f", speedup_vs_reference=".2f",
-                             achieved_gb_per_s=".1f", fraction_of_bandwidth_floor=".1%",
-                             fraction_of_copy_bandwidth=".1%"))
+    print_rows(report, results, dict(what="", variant="", dtype="", model="", median_ms=".3f",
+                                     speedup_vs_reference=".2f", achieved_gb_per_s=".1f",
+                                     fraction_of_bandwidth_floor=".1%", fraction_of_copy_bandwidth=".1%"))
     write_report(report, "kernels", args.out, smoke=args.smoke)
     return report
 

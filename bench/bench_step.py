@@ -5,7 +5,8 @@ GPU run:   python bench/bench_step.py [--models vit_small_p16,vit_small_p8,vit_b
     already on the GPU for the two contestants, alternating, and then every ablation (reference-style with one fast
     path switched on). Reports images/s, step time (median, p10-p90), peak memory, MFU against the measured bf16
     matmul rate, and the ratio fastdino / reference-style. With --loader, also the fastdino step fed by the real
-    loader (DALI when installed) on generated ImageNet-size JPEGs. Writes bench/results/step-<device>-<date>.json.
+    loader (DALI when installed) on generated ImageNet-size JPEGs. Writes bench/results/step-<device>-<date>.json,
+    again after every measured row (`complete: false` until the end): a run cut off keeps what it measured.
 CPU smoke: python bench/bench_step.py --smoke   (tiny ViT, fp32, Triton interpreter; checks that both
     contestants compute the same loss on the same batch; writes only --out)
 
@@ -27,6 +28,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 if "--smoke" in sys.argv:  # the kernels run in the Triton interpreter on CPU; set before triton is imported
@@ -39,8 +41,8 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from bench.common import (  # noqa: E402
-    bench_device, bench_parser, crop_flops, matmul_tflops, names_from, new_report, peak_memory_gib, reset_peak_memory,
-    synchronize, time_calls, write_jpegs, write_report,
+    bench_device, bench_parser, crop_flops, matmul_tflops, names_from, new_report, peak_memory_gib, print_rows,
+    reset_peak_memory, synchronize, time_calls, write_jpegs, write_report,
 )
 from fastdino.config import RULES, existing_folder, load_config, non_negative, positive  # noqa: E402
 from fastdino.errors import report_usage_errors  # noqa: E402
@@ -248,12 +250,15 @@ def run_contestants(contestants: list[Contestant], device: torch.device, warmup:
     return memory
 
 
-def bench_model(name: str, args, device: torch.device, peak_tflops: float | None, workdir: Path) -> dict:
+def bench_model(name: str, args, device: torch.device, peak_tflops: float | None, workdir: Path, results: dict,
+                save: Callable[[], object]) -> dict:
+    """Fill `results` for one model; `save()` after the contestants and after each later row, so that a run cut
+    off by its time budget keeps what it measured."""
     arch, patch, _, _ = MODELS[name]
     base = [f"data.path={workdir / 'images'}", f"model.arch={arch}", f"model.patch_size={patch}",
             f"data.batch_size_per_gpu={args.batch}", f"data.local_crops_number={args.local_crops}",
             "data.loader=torch", "data.num_workers=0", "optim.epochs=2", "optim.warmup_epochs=0", *args.override]
-    results: dict = {"model": name, "batch": args.batch}
+    results.update(model=name, batch=args.batch)
     reference_style = dict(REFERENCE_STYLE, precision="fp32") if device.type == "cpu" else REFERENCE_STYLE
     reference = make_trainer(base, reference_style, workdir / f"{name}-reference")
     crops = synthetic_crops(reference.config, device)
@@ -274,6 +279,7 @@ def bench_model(name: str, args, device: torch.device, peak_tflops: float | None
     rows["fastdino"]["speedup_vs_reference_style"] = (
         rows["reference_style"]["step_ms_median"] / rows["fastdino"]["step_ms_median"])
     results["contestants"] = rows
+    save()
     if third is not None:
         third.close()
     del pair, reference, fast, third
@@ -288,11 +294,13 @@ def bench_model(name: str, args, device: torch.device, peak_tflops: float | None
             row = summarize(contestant, flops, args.batch, peak_tflops, memory.get(path))
             row["speedup_vs_reference_style"] = rows["reference_style"]["step_ms_median"] / row["step_ms_median"]
             results["ablation"].append(row)
+            save()
             del trainer, contestant
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     if args.loader:
         results["with_loader"] = bench_with_loader(base, args, device, workdir, name)
+        save()
     return results
 
 
@@ -328,7 +336,7 @@ def parse_args(argv):
              "--local-crops": RULES["data.local_crops_number"], "--steps": positive, "--warmup": non_negative,
              "--workers": RULES["data.num_workers"], "--reference-repo": existing_folder}
     parser = bench_parser(__doc__, "tiny ViT on the CPU, Triton interpreter (seconds)", rules)
-    parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--models", help=f"default {','.join(MODELS)} (smoke: vit_small_p16, as a tiny ViT)")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--local-crops", type=int, default=10)
     parser.add_argument("--steps", type=int, default=20)
@@ -341,12 +349,13 @@ def parse_args(argv):
                         help="a checkout of facebookresearch/dino: its own modules as a third contestant")
     parser.add_argument("override", nargs="*", help="extra config overrides for every contestant")
     args = parser.parse_args(argv)
-    if args.smoke:
-        args.models, args.batch, args.local_crops, args.steps, args.warmup = "vit_small_p16", 2, 2, 2, 1
+    args.models = args.models or ("vit_small_p16" if args.smoke else ",".join(MODELS))
+    if args.smoke:  # the model names stay as labels; every model is the same tiny ViT
+        args.batch, args.local_crops, args.steps, args.warmup = 2, 2, 2, 0
         args.override = ["model.arch=vit_tiny", "model.depth=1", "model.out_dim=256", "model.head_hidden_dim=64",
                          "model.head_bottleneck_dim=32", "data.global_crop_size=32", "data.local_crop_size=16",
                          "model.patch_size=16", "model.drop_path_rate=0.0", *args.override]
-        args.ablation = False
+        args.ablation = False  # its reference-style runs in fp16, which needs CUDA
     return args
 
 
@@ -355,18 +364,19 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     device = bench_device(args.smoke)
     report = new_report("step", device, args.smoke)
-    report["bf16_matmul_tflops"] = None if args.smoke else matmul_tflops(device)
+    report.update(bf16_matmul_tflops=None if args.smoke else matmul_tflops(device), complete=False, models=[])
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         write_jpegs(workdir / "images", args.batch, (64, 64), classes=1)
-        report["models"] = []
         for name in args.models.split(","):
-            result = bench_model(name, args, device, report["bf16_matmul_tflops"], workdir)
-            report["models"].append(result)
-            rows = result["contestants"]
-            print(f"{name}: reference-style {rows['reference_style']['images_per_s']:.1f} img/s, fastdino "
-                  f"{rows['fastdino']['images_per_s']:.1f} img/s, x{rows['fastdino']['speedup_vs_reference_style']:.2f}"
-                  f"  (first-step loss {result['first_step_loss']})")
+            report["models"].append({})
+            result = bench_model(name, args, device, report["bf16_matmul_tflops"], workdir, report["models"][-1],
+                                 save=lambda: write_report(report, "step", args.out, args.smoke))
+            rows = [dict(row, model=name, first_step_loss=result["first_step_loss"].get(row["name"]))
+                    for row in [*result["contestants"].values(), *result.get("ablation", [])]]
+            print_rows(report, rows, dict(model="", name="", step_ms_median=".1f", images_per_s=".1f", mfu=".1%",
+                                          speedup_vs_reference_style=".2f", first_step_loss=".7f"))
+    report["complete"] = True
     write_report(report, "step", args.out, args.smoke)
     return report
 

@@ -9,6 +9,7 @@ import argparse
 import datetime
 import importlib.metadata
 import json
+import os
 import platform
 import re
 import statistics
@@ -29,9 +30,15 @@ RESULTS = REPO / "bench" / "results"
 
 
 def git_commit() -> str:
+    """The commit the results belong to, `+dirty` when tracked files differ from it. The device machine gets a copy
+    of the working tree without .git: there the caller passes the commit in FASTDINO_GIT_COMMIT."""
+    if os.environ.get("FASTDINO_GIT_COMMIT"):
+        return os.environ["FASTDINO_GIT_COMMIT"]
     try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                              check=True).stdout.strip()
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                                check=True).stdout.strip()
+        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD"], cwd=REPO, capture_output=True).returncode != 0
+        return commit + ("+dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 
@@ -190,10 +197,34 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return ((actual - expected).norm() / expected.norm().clamp_min(1e-30)).item()
 
 
-def print_rows(rows: list[dict], fields: dict[str, str]) -> None:
-    """One console line per result row: `name=value` for each of `fields` (name -> format spec) the row has."""
+# Figures that compare a time with another one or with a ceiling: printed only when they are measurements
+RATIO_FIELDS = frozenset({"speedup_vs_reference", "speedup_vs_reference_style", "overhead_vs_single_device",
+                          "dali_speedup", "mfu", "fraction_of_bandwidth_floor", "fraction_of_copy_bandwidth"})
+
+
+def is_measurement(report: Mapping) -> bool:
+    """Only a full-size run on a GPU measures speed. A smoke run (tiny sizes, Triton interpreter) or a CPU run only
+    shows that the code runs and agrees with its reference: its timings must not be read as speeds."""
+    return not report["smoke"] and not report["device"].startswith("cpu")
+
+
+def figures_label(report: Mapping) -> str:
+    """The line printed above a benchmark's figures: a measurement, or a functional check that is not one."""
+    if is_measurement(report):
+        return f"measurement on {report['device']} (commit {report['git_commit']}):"
+    on_cpu = report["device"].startswith("cpu")
+    where = ("CPU smoke" if on_cpu else "smoke") if report["smoke"] else "CPU"
+    return (f"functional check ({where}), not a measurement: the times below only show that the code runs; "
+            "speed ratios are left out")
+
+
+def print_rows(report: Mapping, rows: list[dict], fields: dict[str, str]) -> None:
+    """The figures label, then one console line per result row: `name=value` for each of `fields` (name -> format
+    spec) the row has; ratio fields only when the report is a measurement."""
+    print(figures_label(report))
+    shown = {name: spec for name, spec in fields.items() if is_measurement(report) or name not in RATIO_FIELDS}
     for row in rows:
-        print("  ".join(f"{name}={row[name]:{spec}}" for name, spec in fields.items() if row.get(name) is not None))
+        print("  ".join(f"{name}={row[name]:{spec}}" for name, spec in shown.items() if row.get(name) is not None))
 
 
 def write_report(report: dict, name: str, out: Path | None = None, smoke: bool = False) -> Path | None:

@@ -1,7 +1,8 @@
 """Test settings shared by the whole suite.
 
 Triton kernels run on the CPU through the Triton interpreter when no GPU is present; the variable must be set
-before triton is first imported, hence here at collection time.
+before triton is first imported, hence here at collection time. The `gpu` marker selects the tests that check GPU
+code paths: `bench/run_gpu.sh` runs `pytest -m gpu` on the device machine.
 """
 import os
 
@@ -9,3 +10,8 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: checks a GPU code path when CUDA is present (run on the device machine "
+                                       "by bench/run_gpu.sh; on CPU it skips or runs in the Triton interpreter)")

@@ -84,12 +84,14 @@ def test_backend_resolution():
         resolve_backend("xformers", cpu)
 
 
+@pytest.mark.gpu
 @needs_cuda
 def test_auto_on_cuda_prefers_xformers_when_usable():
     expected = "xformers" if xformers_usable() else "sdpa"
     assert resolve_backend("auto", torch.device("cuda")) == expected
 
 
+@pytest.mark.gpu
 @needs_cuda
 @pytest.mark.parametrize("backend", ["xformers", "sdpa"])
 def test_cuda_backends_match_math_in_bf16(backend):

@@ -9,14 +9,17 @@ BENCH = Path(__file__).resolve().parent.parent / "bench" / "bench_kernels.py"
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
-def test_bench_kernels_smoke(tmp_path):
+def test_bench_kernels_smoke(tmp_path, capsys):
     spec = importlib.util.spec_from_file_location("bench_kernels", BENCH)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     out = tmp_path / "kernels.json"
     report = bench.main(["--smoke", "--out", str(out)])
     saved = json.loads(out.read_text())
-    assert saved["device"] == report["device"] and saved["device"].startswith("cpu")
+    assert saved["device"] == report["device"] and saved["device"].startswith("cpu") and saved["smoke"] is True
+    printed = capsys.readouterr().out
+    assert "functional check (CPU smoke), not a measurement" in printed
+    assert "median_ms=" in printed and "speedup" not in printed and "fraction" not in printed
     assert saved["versions"]["triton"] and saved["git_commit"]
     variants = {(row["what"], row["variant"], row["dtype"]) for row in saved["results"]}
     assert ("dino_loss_fwd_bwd", "fused", "bfloat16") in variants

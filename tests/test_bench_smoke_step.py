@@ -10,7 +10,7 @@ import pytest
 BENCH = Path(__file__).resolve().parents[1] / "bench" / "bench_step.py"
 
 
-def test_step_benchmark_smoke(tmp_path):
+def test_step_benchmark_smoke(tmp_path, capsys):
     spec = importlib.util.spec_from_file_location("bench_step", BENCH)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -23,7 +23,10 @@ def test_step_benchmark_smoke(tmp_path):
     reference, fast = model["contestants"]["reference_style"]["fast_paths"], model["contestants"]["fastdino"]["fast_paths"]
     assert not any(reference[k] for k in ("fused_loss", "fused_ema", "packed", "sync_free_clip"))
     assert all(fast[k] for k in ("fused_loss", "fused_ema", "packed", "sync_free_clip"))
-    assert model["contestants"]["fastdino"]["images_per_s"] > 0 and report["smoke"] is True
+    assert model["contestants"]["fastdino"]["images_per_s"] > 0 and report["smoke"] is True and report["complete"]
+    printed = capsys.readouterr().out
+    assert "functional check (CPU smoke), not a measurement" in printed
+    assert "images_per_s=" in printed and "speedup" not in printed
 
 
 @pytest.mark.skipif(not os.environ.get("FASTDINO_REFERENCE_REPO"),

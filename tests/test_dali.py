@@ -328,6 +328,7 @@ def test_webdataset_shards_with_index_and_labels(tmp_path):
     assert sorted(seen) == list(range(8))
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (nvJPEG decoding, GPU crops)")
 def test_gpu_crops_stay_on_the_gpu(folder):
     loader = DaliMultiCropLoader(folder, 4, local_crops_number=2, dtype=torch.bfloat16, device="cuda")

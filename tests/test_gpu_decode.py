@@ -259,6 +259,7 @@ def test_bad_arguments(dataset_root):
             make_loader(dataset_root, device="cuda")
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (nvJPEG)")
 def test_cuda_decode_and_crops_match_cpu(dataset_root):
     from torchvision.io import decode_jpeg

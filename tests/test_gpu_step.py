@@ -13,6 +13,7 @@ REFERENCE_STYLE = ("precision=fp32", "model.attention=math", "fast.fused_loss=fa
                    "fast.sync_free_clip=false", "data.loader=torch")
 
 
+@pytest.mark.gpu
 def test_cuda_fast_step_matches_reference_style(tmp_path):
     images = write_image_folder(tmp_path / "images")
     common = ("device=cuda", "model.drop_path_rate=0.0", "optim.warmup_epochs=0", "model.out_dim=4099")

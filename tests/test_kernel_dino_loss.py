@@ -20,7 +20,7 @@ from fastdino.kernels import (
 
 loss_module = importlib.import_module("fastdino.kernels.dino_loss")
 # The interpreter evaluates masked-out lanes too (e.g. -inf - -inf); the kernels discard them.
-pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+pytestmark = [pytest.mark.gpu, pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")]
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TEACHER_TEMP = 0.04
 

@@ -4,6 +4,7 @@ import torch
 
 from fastdino.kernels import ema_update_, ema_update_reference_
 
+pytestmark = pytest.mark.gpu
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 

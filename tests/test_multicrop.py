@@ -102,6 +102,7 @@ def test_single_tensor_and_bad_input():
         MultiCropWrapper(torch.nn.Identity(), torch.nn.Identity(), packed=True)
 
 
+@pytest.mark.gpu
 @needs_cuda
 @pytest.mark.parametrize("n_local", [2, 10])
 def test_packed_equals_per_resolution_bf16_cuda(n_local):
@@ -116,6 +117,7 @@ def test_packed_equals_per_resolution_bf16_cuda(n_local):
     assert_grads_close(grads, expected_grads, 5e-2)
 
 
+@pytest.mark.gpu
 @needs_cuda
 def test_compiled_blocks_match_eager_cuda():
     eager = make_wrapper(packed=True, efficient_drop_path=True).cuda()
