@@ -1,5 +1,7 @@
 # Two commands for a fresh machine: `make demo` (the main job) and `make test` (the test suite).
 # Both create .venv in the repository root when it is missing and install fastdino into it.
+# Another venv or torch build, e.g. the GPU image's stack (its own venv: the stamps below do not record TORCH_SPEC):
+#   make test VENV=/path/to/venv211 TORCH_SPEC="torch==2.11.* torchvision==0.26.*"
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python

@@ -7,7 +7,7 @@ The backbone keys of DINO's ViT are the same in the reference's layout and in ti
 `patch_embed.proj.*`, `blocks.<i>.*`, `norm.*`), so both formats hold the same tensors; `--format` says which
 independently written model the file is checked against (timm's VisionTransformer for both, plus fastdino's ViT for
 the reference layout). A `.safetensors` name writes safetensors, which timm and the Hugging Face tools load without
-unpickling anything; any other name a plain tensor dict that `torch.load(weights_only=True)` reads.
+unpickling anything; any other name a plain tensor dict that PyTorch's restricted loader (weights_only) reads.
 """
 from __future__ import annotations
 

@@ -99,7 +99,10 @@ def test_linear_classifier_learns_separable_features():
     result = train_linear_classifier(classifier, lambda: batches(train_x, train_y, 32, seed=next(epochs)),
                                      lambda: batches(val_x, val_y, 64), epochs=15, lr=0.1, device="cpu",
                                      log=lambda _: None)
-    assert before < 50 and result["best_top1"] >= 97.0
+    # Untrained, each well-separated cluster lands on one class, right with chance 1/10: `before` is about
+    # 10% x Binomial(10, 0.1), up to 40% among seeds 0..19 (the old bound, 50, failed ~1 seed in 600); what matters
+    # is that it did not start solved: < 90 fails for ~1 seed in 10^8.
+    assert before < 90 and result["best_top1"] >= 97.0
     assert len(result["history"]) == 15 and result["history"][-1]["train_loss"] < result["history"][0]["train_loss"]
     # best_top1 is the best of the evaluations, as the reference reports
     assert result["best_top1"] == max(row["val_top1"] for row in result["history"])
