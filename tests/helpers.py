@@ -2,6 +2,7 @@
 import socket
 
 import numpy as np
+import torch
 from PIL import Image
 
 from fastdino.config import Config, load_config
@@ -38,3 +39,25 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def state_of(trainer) -> dict:
+    """What an exact continuation must reproduce: both networks, the center and the optimizer moments."""
+    return {
+        "student": trainer.student.state_dict(),
+        "teacher": trainer.teacher.state_dict(),
+        "center": trainer.dino_loss.center.clone(),
+        "optimizer": trainer.optimizer.state_dict()["state"],
+    }
+
+
+def assert_identical(a, b, path: str = "") -> None:
+    """Nested dicts of tensors and plain values equal bit for bit (the path names the first difference)."""
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), path
+        for key in a:
+            assert_identical(a[key], b[key], f"{path}.{key}")
+    elif isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), f"{path} differs"
+    else:
+        assert a == b, path

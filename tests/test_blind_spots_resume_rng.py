@@ -8,7 +8,7 @@ second, so every step draws its drop masks from torch's CPU generator; the test 
 """
 import pytest
 import torch
-from helpers import tiny_config, write_image_folder
+from helpers import assert_identical, state_of, tiny_config, write_image_folder
 
 from fastdino.models.vit import Block
 from fastdino.trainer import Trainer
@@ -35,22 +35,6 @@ def test_residual_drop_draws_from_the_global_generator(efficient):
     assert torch.equal(block(x), first), "same generator state, same masks"
     second = block(x)
     assert not torch.equal(second, first), "another generator state gives other masks (8 rows at rate 0.5)"
-
-
-def state_of(trainer):
-    return {"student": trainer.student.state_dict(), "teacher": trainer.teacher.state_dict(),
-            "center": trainer.dino_loss.center, "optimizer": trainer.optimizer.state_dict()["state"]}
-
-
-def assert_identical(a, b, path=""):
-    if isinstance(a, dict):
-        assert a.keys() == b.keys(), path
-        for key in a:
-            assert_identical(a[key], b[key], f"{path}.{key}")
-    elif isinstance(a, torch.Tensor):
-        assert torch.equal(a, b), f"{path} differs"
-    else:
-        assert a == b, path
 
 
 def test_stop_and_resume_with_stochastic_depth_is_bit_identical(image_folder, tmp_path):

@@ -4,7 +4,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from helpers import tiny_config, write_image_folder
+from helpers import assert_identical, state_of, tiny_config, write_image_folder
 
 import train
 from fastdino.trainer import NonFiniteLossError, Trainer
@@ -34,26 +34,6 @@ def test_a_few_steps_lower_the_loss_on_a_fixed_batch(image_folder, tmp_path):
     assert entropy[-1] == pytest.approx(entropy[0], rel=1e-4), entropy  # the target did not move
     assert kl[-1] < 0.75 * kl[0], kl
     assert outputs[-1].loss.item() < outputs[0].loss.item() - 0.25 * kl[0]
-
-
-def state_of(trainer):
-    return {
-        "student": trainer.student.state_dict(),
-        "teacher": trainer.teacher.state_dict(),
-        "center": trainer.dino_loss.center.clone(),
-        "optimizer": trainer.optimizer.state_dict()["state"],
-    }
-
-
-def assert_identical(a, b, path=""):
-    if isinstance(a, dict):
-        assert a.keys() == b.keys(), path
-        for key in a:
-            assert_identical(a[key], b[key], f"{path}.{key}")
-    elif isinstance(a, torch.Tensor):
-        assert torch.equal(a, b), f"{path} differs"
-    else:
-        assert a == b, path
 
 
 def test_stop_and_resume_is_bit_identical(image_folder, tmp_path):
