@@ -1,5 +1,9 @@
-"""Small builders shared by the training tests: a folder of tiny JPEGs, a tiny-model config, a free port."""
+"""Small builders shared by the training tests: a folder of tiny JPEGs, a tiny-model config, a free port, two gloo
+ranks, and exact state comparison."""
+import datetime
+import os
 import socket
+import traceback
 
 import numpy as np
 import torch
@@ -61,3 +65,31 @@ def assert_identical(a, b, path: str = "") -> None:
         assert torch.equal(a, b), f"{path} differs"
     else:
         assert a == b, path
+
+
+def _two_rank_worker(rank: int, port: int, scenarios, work, data) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    import torch.distributed as dist
+
+    # a short timeout: a rank that fails must not leave the other waiting in a collective for half an hour
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=120))
+    from fastdino.distributed import init_distributed, shutdown_distributed
+
+    ctx = init_distributed("cpu")
+    try:
+        scenarios(ctx, work, data)
+    except BaseException:
+        (work / f"error_rank{rank}.txt").write_text(traceback.format_exc())
+        raise
+    finally:
+        shutdown_distributed()
+
+
+def run_on_two_ranks(scenarios, work, data) -> None:
+    """`scenarios(ctx, work, data)` in two CPU processes joined by gloo (a module-level function: it is pickled);
+    a failing rank leaves its traceback in work/error_rank<r>.txt."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_two_rank_worker, args=(free_port(), scenarios, work, data), nprocs=2, join=True)

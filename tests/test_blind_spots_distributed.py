@@ -13,15 +13,10 @@ Both scenarios run in one spawn (starting Python with torch costs seconds); each
 tests compare it here with single-process references.
 """
 import copy
-import datetime
-import os
-import traceback
 
 import helpers
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch.utils.data import Dataset
 
 from fastdino.models import DINOHead, MultiCropWrapper, vit_tiny
@@ -141,31 +136,18 @@ def scenario_periodic_knn(ctx, work, data):
         torch.save({"rows": rows, "backbone": backbone.state_dict()}, work / "periodic_knn.pt")
 
 
-def _worker(rank, port, work, data):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD),
-                      LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
-    from fastdino.distributed import init_distributed, shutdown_distributed
-
-    ctx = init_distributed("cpu")
-    try:
-        for fused in (True, False):
-            scenario_fsdp_ema(ctx, work, fused)
-        scenario_knn(ctx, work)
-        scenario_periodic_knn(ctx, work, data)
-    except BaseException:
-        (work / f"error_rank{rank}.txt").write_text(traceback.format_exc())
-        raise
-    finally:
-        shutdown_distributed()
+def _scenarios(ctx, work, data):
+    for fused in (True, False):
+        scenario_fsdp_ema(ctx, work, fused)
+    scenario_knn(ctx, work)
+    scenario_periodic_knn(ctx, work, data)
 
 
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
     work = tmp_path_factory.mktemp("blind_spots_distributed")
     data = helpers.write_image_folder(work / "images", count=16)
-    mp.spawn(_worker, args=(helpers.free_port(), work, data), nprocs=WORLD, join=True)
+    helpers.run_on_two_ranks(_scenarios, work, data)
     return work
 
 

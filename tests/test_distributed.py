@@ -5,20 +5,17 @@ survives a kill mid-save, and the exported teacher loads into a plain ViT.
 All 2-process scenarios run in one spawn (starting Python with torch costs seconds); each writes its results
 under the work folder and the tests below check them against single-process references computed here.
 """
-import datetime
 import json
 import multiprocessing
 import os
 import signal
 import time
-import traceback
 
 import helpers
 import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from fastdino import sharded_checkpoint
 from fastdino.checkpoint import CheckpointError
@@ -137,26 +134,12 @@ def scenario_resume(ctx, work, data):
                 "resumed_at": resumed_at}, work / f"resume_rank{ctx.rank}.pt")
 
 
-def _worker(rank, port, work, data):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD),
-                      LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
-    # a short timeout: a rank that fails must not leave the other waiting in a collective for half an hour
-    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=120))
-    from fastdino.distributed import init_distributed, shutdown_distributed
-
-    ctx = init_distributed("cpu")
-    try:
-        fsdp_trainer = scenario_step(ctx, work, data, "fsdp")
-        scenario_export(ctx, work, fsdp_trainer)
-        scenario_step(ctx, work, data, "ddp")
-        scenario_clip(ctx, work)
-        scenario_resume(ctx, work, data)
-    except BaseException:
-        (work / f"error_rank{rank}.txt").write_text(traceback.format_exc())
-        raise
-    finally:
-        shutdown_distributed()
+def _scenarios(ctx, work, data):
+    fsdp_trainer = scenario_step(ctx, work, data, "fsdp")
+    scenario_export(ctx, work, fsdp_trainer)
+    scenario_step(ctx, work, data, "ddp")
+    scenario_clip(ctx, work)
+    scenario_resume(ctx, work, data)
 
 
 @pytest.fixture(scope="module")
@@ -164,7 +147,7 @@ def two_ranks(tmp_path_factory):
     """Runs every 2-process scenario once; returns (work folder, image folder)."""
     work = tmp_path_factory.mktemp("distributed")
     data = helpers.write_image_folder(work / "images")
-    mp.spawn(_worker, args=(helpers.free_port(), work, data), nprocs=WORLD, join=True)
+    helpers.run_on_two_ranks(_scenarios, work, data)
     return work, data
 
 
