@@ -122,6 +122,22 @@ def save_atomic(state: Any, path: str | Path) -> None:
             tmp.unlink()
 
 
+def copy_atomic(source: str | Path, path: str | Path) -> None:
+    """Publish an already written checkpoint file under a second name without serializing it again: a hard link
+    (files are only ever replaced by rename, never changed in place, so sharing is safe), or a copy where the
+    filesystem has no links; atomic like `save_atomic`."""
+    path = Path(path)
+    tmp = temporary_path(path)
+    try:
+        try:
+            os.link(source, tmp)
+        except OSError:
+            shutil.copyfile(source, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def remove_leftover_temporaries(folder: str | Path) -> list[Path]:
     """Delete what killed writers left in `folder` (files and folders whose name carries TEMPORARY_MARK or ends in
     `.tmp`); only call it when no other process writes there. Returns what was removed."""

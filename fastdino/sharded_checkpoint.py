@@ -146,21 +146,30 @@ def load_sharded(path: str | Path, template: dict[str, Any]) -> dict[str, Any]:
     sharding to load into; filled in place). Returns the template with the PLAIN_KEYS entries added.
 
     Raises UntrustedCheckpointError (naming the file) if any file holds something other than data."""
-    path = Path(path)
-    if not _is_complete(path):
-        raise checkpoint.CheckpointError(
-            f"{path} is not a complete sharded checkpoint (no .metadata or {PLAIN_FILE})")
+    path = _complete(path)
     plain = read_plain(path)
     stored = read_metadata(path).state_dict_metadata.keys()
     sharded = _present_only({key: value for key, value in template.items() if key not in PLAIN_KEYS},
                             _with_prefixes(stored))
+    _load_as_data(sharded, path, no_dist=not (dist.is_available() and dist.is_initialized()))
+    return {**sharded, **plain}
+
+
+def _complete(path: str | Path) -> Path:
+    path = Path(path)
+    if not _is_complete(path):
+        raise checkpoint.CheckpointError(
+            f"{path} is not a complete sharded checkpoint (no .metadata or {PLAIN_FILE})")
+    return path
+
+
+def _load_as_data(state: dict[str, Any], path: Path, no_dist: bool) -> None:
+    """dcp.load into `state` through the data-only reader and planner; a failure is one CheckpointError."""
     try:
         with _single_process_quiet():
-            dcp.load(sharded, storage_reader=_DataOnlyReader(path), planner=_DataOnlyPlanner(),
-                     no_dist=not (dist.is_available() and dist.is_initialized()))
+            dcp.load(state, storage_reader=_DataOnlyReader(path), planner=_DataOnlyPlanner(), no_dist=no_dist)
     except dcp.CheckpointException as error:
         raise _first_cause(error, path) from None
-    return {**sharded, **plain}
 
 
 def read_plain(path: str | Path) -> dict[str, Any]:
@@ -171,18 +180,11 @@ def read_plain(path: str | Path) -> dict[str, Any]:
 def read_networks(path: str | Path, networks: tuple[str, ...] = ("teacher", "student")) -> dict[str, Any]:
     """The full (unsharded) weights of `networks` from a sharded checkpoint, in one process and without a training
     state to load into: {"teacher": {name: tensor}, ...}, read as data like every checkpoint."""
-    path = Path(path)
-    if not _is_complete(path):
-        raise checkpoint.CheckpointError(
-            f"{path} is not a complete sharded checkpoint (no .metadata or {PLAIN_FILE})")
+    path = _complete(path)
     metadata = read_metadata(path).state_dict_metadata
     flat = {name: torch.empty(entry.size, dtype=entry.properties.dtype) for name, entry in metadata.items()
             if name.split(".", 1)[0] in networks and hasattr(entry, "size")}
-    try:
-        with _single_process_quiet():
-            dcp.load(flat, storage_reader=_DataOnlyReader(path), planner=_DataOnlyPlanner(), no_dist=True)
-    except dcp.CheckpointException as error:
-        raise _first_cause(error, path) from None
+    _load_as_data(flat, path, no_dist=True)
     weights: dict[str, Any] = {network: {} for network in networks}
     for name, tensor in flat.items():
         network, key = name.split(".", 1)

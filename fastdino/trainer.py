@@ -44,6 +44,7 @@ from fastdino.optim import (
     clip_gradients_,
     clip_gradients_reference_,
 )
+from fastdino.preflight import bf16_supported, check_device, check_fast_paths, check_precision, uses_cuda
 from fastdino.resume_policy import check_resume
 from fastdino.schedules import Schedules
 
@@ -71,8 +72,6 @@ class FastPaths:
 
 def resolve_device(config: Config) -> torch.device:
     """CUDA when present unless device=cpu; what the machine lacks is refused by fastdino.preflight's rules."""
-    from fastdino.preflight import check_device, uses_cuda
-
     check_device(config)
     if not uses_cuda(config):
         return torch.device("cpu")
@@ -81,8 +80,6 @@ def resolve_device(config: Config) -> torch.device:
 
 def resolve_precision(config: Config, device: torch.device) -> torch.dtype:
     """The autocast dtype: by default bf16 on CUDA (fp16 on GPUs without bf16), fp32 (no autocast) on CPU."""
-    from fastdino.preflight import bf16_supported, check_precision
-
     check_precision(config, device)
     choice = config.precision
     if choice == "auto":
@@ -97,8 +94,6 @@ def _switch(value: bool | str, available: bool) -> bool:
 def resolve_fast_paths(config: Config, device: torch.device) -> FastPaths:
     """`auto` turns a fast path on where the device supports it (CUDA, and the library where one is needed); a path
     forced on where it cannot run is refused by fastdino.preflight's rules."""
-    from fastdino.preflight import check_fast_paths
-
     check_fast_paths(config, device)
     cuda = device.type == "cuda"
     fast = config.fast
@@ -372,11 +367,13 @@ class Trainer:
                 copies = (self.output_dir / f"{numbered}_dcp",) if numbered else ()
                 sharded_checkpoint.save_sharded(state, path, self.ctx, copies)
             elif self.ctx.is_main:
-                if numbered:
+                if numbered:  # the copy first, then the same bytes published as the checkpoint
                     target = self.output_dir / f"{numbered}.pth"
                     checkpoint.save_atomic(state, target)
                     target = path
-                checkpoint.save_atomic(state, path)
+                    checkpoint.copy_atomic(self.output_dir / f"{numbered}.pth", path)
+                else:
+                    checkpoint.save_atomic(state, path)
         except OSError as error:
             raise CheckpointWriteError(
                 f"could not write {target}: {error.strerror or error}; {self._previous_checkpoint_note()}"
