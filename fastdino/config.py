@@ -34,6 +34,9 @@ class ConfigError(UsageError, ValueError):
 class ModelConfig:
     arch: str = "vit_small"  # vit_tiny | vit_small | vit_base
     patch_size: int = 16
+    # side in pixels of the position-embedding grid: 224 is the reference's (every crop interpolates from it); the
+    # training crop size instead gives a crop-sized grid, fewer parameters when every crop is far below 224 (demo)
+    pos_embed_size: int = 224
     depth: int | None = None  # None: the architecture's own (12); smaller for quick CPU runs
     out_dim: int = 65536
     norm_last_layer: bool = True
@@ -198,6 +201,7 @@ not_a_file = Rule("must be a folder (created if missing), not a file",
 RULES: dict[str, Rule] = {
     "model.arch": choices("vit_tiny", "vit_small", "vit_base"),
     "model.patch_size": positive,
+    "model.pos_embed_size": positive,
     "model.depth": optional(positive, "the architecture's own depth"),
     "model.out_dim": positive,
     "model.head_hidden_dim": positive,
@@ -436,7 +440,8 @@ def validate(config: Config) -> None:
     patch = config.model.patch_size
     multiple_of_patch = Rule(f"must be a multiple of model.patch_size ({patch})", lambda value: value % patch == 0)
     knn = knn_requested_by(config)
-    for key in ("data.global_crop_size", "data.local_crop_size", *(("eval.image_size",) if knn else ())):
+    for key in ("model.pos_embed_size", "data.global_crop_size", "data.local_crop_size",
+                *(("eval.image_size",) if knn else ())):
         _enforce(multiple_of_patch, key, get_value(config, key))
     if config.eval.attention_images:
         _enforce(Rule(f"must be >= model.patch_size ({patch})", lambda value: value >= patch),

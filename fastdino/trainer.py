@@ -132,7 +132,7 @@ def build_backbone(
         patch_size=model.patch_size,
         drop_path_rate=drop_path_rate,
         attention=model.attention,
-        img_size=config.data.global_crop_size,
+        img_size=model.pos_embed_size,
         efficient_drop_path=efficient_drop_path,
         compile_blocks=compile_blocks,
         **extra,

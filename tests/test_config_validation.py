@@ -25,6 +25,8 @@ KNN = ["eval.final_knn=true", "eval.knn_train_path=/a", "eval.knn_val_path=/b"]
 BAD = [
     ("model.arch", "vit_huge", "must be one of vit_tiny, vit_small, vit_base", []),
     ("model.patch_size", "0", "must be > 0", []),
+    ("model.pos_embed_size", "0", "must be > 0", []),
+    ("model.pos_embed_size", "100", "must be a multiple of model.patch_size (16)", []),
     ("model.depth", "0", "must be > 0, or null", []),
     ("model.depth", "2.5", "expected an integer or null", []),
     ("model.out_dim", "0", "must be > 0", []),

@@ -7,9 +7,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import timm
 import torch
 from helpers import tiny_config, write_image_folder
 from test_hub import reference_backbone_state_dict, reference_head_state_dict, timm_features
+from test_vit import reference_interpolate_pos_encoding
 
 from fastdino import checkpoint, sharded_checkpoint
 from fastdino.checkpoint import CheckpointError, UntrustedCheckpointError
@@ -19,8 +21,9 @@ from fastdino.hub import describe_backbone, load_pretrained
 from fastdino.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
-DEMO_MODEL = ["model.depth=4", "model.patch_size=4", "model.out_dim=1024", "model.head_hidden_dim=512",
-              "model.head_bottleneck_dim=128", "data.global_crop_size=16", "data.local_crop_size=8"]
+DEMO_MODEL = ["model.depth=4", "model.patch_size=4", "model.pos_embed_size=16", "model.out_dim=1024",
+              "model.head_hidden_dim=512", "model.head_bottleneck_dim=128", "data.global_crop_size=16",
+              "data.local_crop_size=8"]
 
 
 @pytest.fixture(scope="module")
@@ -36,10 +39,13 @@ def demo_like_run(tmp_path_factory):
     return root / "run", images, trainer
 
 
+def pictures(image_size):
+    return torch.randn(2, 3, image_size, image_size, generator=torch.Generator().manual_seed(1))
+
+
 def features(model, image_size):
-    images = torch.randn(2, 3, image_size, image_size, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        return model.eval()(images)
+        return model.eval()(pictures(image_size))
 
 
 @pytest.mark.parametrize("layout", [checkpoint.LATEST, sharded_checkpoint.SHARDED_DIR])
@@ -50,6 +56,31 @@ def test_a_run_rebuilds_its_network_without_flags(demo_like_run, layout, key):
     assert describe_backbone(model.state_dict()) == {"arch": "vit_tiny", "patch_size": 4, "depth": 4, "img_size": 16}
     network = trainer.teacher if key == "teacher" else trainer.student
     assert torch.equal(features(model, 16), features(network.backbone, 16))
+
+
+def test_a_run_at_small_crops_holds_the_reference_parameters(tmp_path):
+    """By default the position embedding is the reference's 224 px grid whatever the crop size: a run on 16 px crops
+    exports weights that timm's ViT at img_size=224 (the reference's shape) loads strictly, with the same features at
+    224 px and, through the reference's interpolation formula, at the 16 px training crop."""
+    images = write_image_folder(tmp_path / "images")
+    trainer = Trainer(tiny_config(images, tmp_path / "run"))
+    assert trainer.config.data.global_crop_size == 16 and trainer.config.model.pos_embed_size == 224
+    trainer.train(stop_after_steps=2)
+    trainer.save()
+    export(tmp_path / "run" / checkpoint.LATEST, tmp_path / "teacher.pth", "reference")
+    weights = read_weights(tmp_path / "teacher.pth")
+    ours = trainer.teacher.backbone
+    for img_size in (224, 16):
+        reference = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, depth=1, patch_size=8,
+                                      img_size=224).eval()
+        reference.load_state_dict(weights, strict=True)
+        if img_size != 224:  # the reference interpolates per crop; timm would resize by size, a different rule
+            grid = reference_interpolate_pos_encoding(weights["pos_embed"], img_size, img_size, 8)
+            reference.pos_embed = torch.nn.Parameter(grid)
+            reference.patch_embed.img_size, reference.patch_embed.grid_size = (img_size,) * 2, (img_size // 8,) * 2
+        with torch.no_grad():
+            expected = reference.forward_features(pictures(img_size))[:, 0]
+        torch.testing.assert_close(features(ours, img_size), expected, rtol=1e-4, atol=1e-5)
 
 
 def test_a_flag_that_contradicts_the_file_is_one_line(demo_like_run):
