@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 from fastdino.checkpoint import temporary_path
-from fastdino.config import Config
-from fastdino.eval.attention import save_attention_maps
+from fastdino.config import Config, knn_requested_by
+from fastdino.eval.attention import held_out_examples, save_attention_comparison, save_attention_maps
 from fastdino.eval.knn import knn_accuracy
 from fastdino.eval.plots import plot_training_curves
 from fastdino.metrics import add_to_row
@@ -20,6 +20,7 @@ from fastdino.metrics import add_to_row
 log = logging.getLogger("fastdino")
 
 RESULTS_FILE = "results.json"
+HELD_OUT_PICTURE = "held-out-trained-vs-random-init.png"
 
 
 def knn_top1(backbone: nn.Module, config: Config, device: torch.device) -> float:
@@ -76,6 +77,25 @@ def _keep_results(run_dir: Path, step: int, results: dict[str, float]) -> None:
             writer.add_scalar(f"final/{name}", value, step)
 
 
+def _save_pictures(config: Config, teacher_backbone: nn.Module, random_init: nn.Module, run_dir: Path) -> None:
+    """Attention pictures of the bundled photos, and of held-out images of the kNN's validation classes (when a kNN
+    is asked for) with the trained teacher beside its random-init twin: the second shows what training changed."""
+    from fastdino.data.demo_dataset import demo_attention_images
+
+    picture_dir = run_dir / "attention"
+    size, count = config.eval.attention_image_size, config.eval.attention_images
+    pictures = []
+    for name, image in demo_attention_images()[:count]:
+        save_attention_maps(teacher_backbone, image, picture_dir, size, name=name)
+        pictures.append(picture_dir / f"{name}-overview.png")
+    if knn_requested_by(config):
+        examples = held_out_examples(config.eval.knn_val_path, count)
+        networks = {"trained": teacher_backbone, "random init": random_init}
+        pictures.append(save_attention_comparison(networks, examples, picture_dir / HELD_OUT_PICTURE, size))
+    _add_pictures_to_tensorboard(run_dir / "tensorboard", pictures)
+    log.info("attention pictures written to %s", picture_dir)
+
+
 def final_report(config: Config, teacher_backbone: nn.Module, device: torch.device, step: int) -> dict[str, float]:
     """Writes the pictures into the run directory, keeps the kNN figures (see `_keep_results`) and prints the kNN
     lines last. `step`: the step the evaluated teacher was trained to."""
@@ -84,19 +104,12 @@ def final_report(config: Config, teacher_backbone: nn.Module, device: torch.devi
     log_path = run_dir / "log.jsonl"
     if log_path.is_file():
         plot_training_curves(log_path, run_dir / "training_curves.png")
+    random_init = initial_backbone(config).to(device) if config.eval.final_knn or config.eval.attention_images else None
     if config.eval.attention_images:
-        from fastdino.data.demo_dataset import demo_attention_images
-
-        picture_dir = run_dir / "attention"
-        overviews = []
-        for name, image in demo_attention_images()[: config.eval.attention_images]:
-            save_attention_maps(teacher_backbone, image, picture_dir, config.eval.attention_image_size, name=name)
-            overviews.append(picture_dir / f"{name}-overview.png")
-        _add_pictures_to_tensorboard(run_dir / "tensorboard", overviews)
-        log.info("attention pictures written to %s", picture_dir)
+        _save_pictures(config, teacher_backbone, random_init, run_dir)
     if config.eval.final_knn:
         results["knn_top1_trained"] = knn_top1(teacher_backbone, config, device)
-        results["knn_top1_random_init"] = knn_top1(initial_backbone(config).to(device), config, device)
+        results["knn_top1_random_init"] = knn_top1(random_init, config, device)
         _keep_results(run_dir, step, results)
         print(f"kNN top-1 (trained): {results['knn_top1_trained']:.2f}%")
         print(f"kNN top-1 (random init): {results['knn_top1_random_init']:.2f}%")

@@ -22,6 +22,9 @@ SAME_ALGORITHM = ("device", "precision", "fast.", "model.attention", "distribute
 # Handled by the trainer: it continues by images seen.
 BATCH = ("data.batch_size_per_gpu",)
 
+# Keys added later whose value, in a run from before, was another key's: the position grid was the crop's.
+WAS_THEN = {"model.pos_embed_size": "data.global_crop_size"}
+
 
 class RunChangedError(UsageError):
     """The output folder holds a run with other settings; continuing would mix the two."""
@@ -44,9 +47,10 @@ def _matches(key: str, patterns: tuple[str, ...]) -> bool:
 
 def changed_settings(stored: dict[str, Any], current: Config) -> dict[str, tuple[Any, Any]]:
     """{key: (stored value, current value)} for every setting that differs; a key the stored config lacks (a run
-    from an older version) counts as its default."""
+    from an older version) counts as its default, or as what it meant then (`WAS_THEN`)."""
     defaults = flatten(config_to_dict(Config()))
     old = {**defaults, **flatten(stored)}
+    old.update({key: old[source] for key, source in WAS_THEN.items() if key not in flatten(stored)})
     new = flatten(config_to_dict(current))
     return {key: (old.get(key), value) for key, value in new.items() if old.get(key) != value}
 

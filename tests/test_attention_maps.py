@@ -9,7 +9,8 @@ from PIL import Image
 from torchvision import transforms
 
 from fastdino.data import IMAGENET_MEAN, IMAGENET_STD
-from fastdino.eval.attention import attention_maps, main, save_attention_maps, threshold_mask
+from fastdino.eval.attention import (attention_comparison, attention_maps, held_out_examples, main,
+                                     save_attention_comparison, save_attention_maps, threshold_mask)
 from fastdino.hub import export_backbone
 from fastdino.eval.plots import plot_training_curves
 from fastdino.models import vit_tiny
@@ -88,6 +89,38 @@ def test_save_attention_maps_writes_the_pictures(tmp_path):
         assert picture.size == (56, 40)
     with Image.open(tmp_path / "out" / "cat-attn-head0.png") as picture:
         assert picture.size == (56, 40)
+
+
+def test_held_out_examples_take_every_class_in_turn(tmp_path):
+    for label, count in (("a", 3), ("b", 1), ("c", 2)):
+        (tmp_path / label).mkdir()
+        for index in range(count):
+            Image.new("RGB", (8, 8), (40 * index, 0, 0)).save(tmp_path / label / f"{index}.png")
+    examples = held_out_examples(tmp_path, 5)
+    assert [name for name, _ in examples] == ["a-0", "b-0", "c-0", "a-1", "c-1"]
+    assert np.asarray(examples[3][1])[0, 0].tolist() == [40, 0, 0]  # the image named a-1 is a/1.png
+
+
+def test_comparison_shows_each_network_on_the_same_pictures(tmp_path):
+    torch.manual_seed(4)
+    trained, twin = vit_tiny(patch_size=8, depth=2, img_size=32), vit_tiny(patch_size=8, depth=2, img_size=32)
+    photos = [(f"p{seed}", Image.fromarray(np.random.default_rng(seed).integers(0, 255, (20, 28, 3), np.uint8)))
+              for seed in range(3)]
+    pictures, maps = attention_comparison({"trained": trained, "random init": twin}, photos, image_size=16)
+    assert maps.shape == (3, 2, trained.num_heads, 2, 2)
+    for row, (_, photo) in enumerate(photos):  # resized as save_attention_maps does: shorter side 16, 16 x 16 kept
+        expected_picture = photo.resize((22, 16), Image.BICUBIC).crop((0, 0, 16, 16))
+        assert pictures[row].shape == (16, 16, 3)
+        tensor = transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)(transforms.ToTensor()(
+            Image.fromarray(pictures[row])))
+        for index, network in enumerate((trained, twin)):
+            np.testing.assert_allclose(maps[row, index], attention_maps(network, tensor).numpy(), atol=1e-6)
+        assert np.abs(pictures[row].astype(int) - np.asarray(expected_picture, dtype=int)).max() <= 1
+    assert not np.allclose(maps[:, 0], maps[:, 1]), "two different networks must give two different maps"
+    path = save_attention_comparison({"trained": trained, "random init": twin}, photos, tmp_path / "cmp.png", 16)
+    with Image.open(path) as figure:
+        width, height = figure.size
+    assert width > height, "one row per picture, 1 + 2 x heads columns"
 
 
 def test_command_line_draws_every_image_of_a_folder(tmp_path, capsys):

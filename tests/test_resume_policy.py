@@ -60,6 +60,15 @@ def test_a_key_the_stored_config_lacks_counts_as_its_default(images, tmp_path):
     assert check_resume(stored, tiny_config(images, tmp_path)) == []
 
 
+def test_a_run_from_before_pos_embed_size_had_a_crop_sized_grid(images, tmp_path):
+    """Older runs sized the position grid to the global crop: that, not today's 224 default, is what they hold."""
+    stored = config_to_dict(tiny_config(images, tmp_path))
+    del stored["model"]["pos_embed_size"]
+    assert check_resume(stored, tiny_config(images, tmp_path, "model.pos_embed_size=16")) == []
+    with pytest.raises(RunChangedError, match=r"model.pos_embed_size 16 -> 224"):
+        check_resume(stored, tiny_config(images, tmp_path))
+
+
 # ------------------------------------------------------------------------------------------ through the trainer
 @pytest.fixture
 def finished_run(images, tmp_path):

@@ -7,6 +7,7 @@ import torch
 from helpers import assert_identical, state_of, tiny_config, write_image_folder
 
 import train
+from fastdino.report import HELD_OUT_PICTURE
 from fastdino.trainer import NonFiniteLossError, Trainer
 
 
@@ -124,6 +125,7 @@ def test_command_line_run_ends_with_knn_lines_and_pictures(image_folder, tmp_pat
     assert lines[-1].startswith("kNN top-1 (random init): ") and lines[-1].endswith("%")
     assert (tmp_path / "training_curves.png").is_file()
     assert len(list((tmp_path / "attention").glob("*-overview.png"))) == 1
+    assert (tmp_path / "attention" / HELD_OUT_PICTURE).is_file(), "held-out images, trained beside random init"
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
     # the figures are kept: results.json, the last log row, TensorBoard; a rerun redoes them without a second row
     printed = [float(line.rsplit(" ", 1)[1].rstrip("%")) for line in lines[-2:]]

@@ -120,6 +120,61 @@ def _overview_figure(picture: np.ndarray, maps: np.ndarray, masks: np.ndarray, c
     plt.close(figure)
 
 
+def _normalized(picture: Image.Image) -> torch.Tensor:
+    return transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)(transforms.ToTensor()(picture))
+
+
+def held_out_examples(folder: str | os.PathLike, count: int) -> list[tuple[str, Image.Image]]:
+    """`count` images of a class-folder dataset, one class after another (the first image of each class, then the
+    second, ...), named `<class>-<file stem>`: a few examples of every class, in a fixed order."""
+    samples, classes = find_images(folder)
+    by_class: dict[int, list[str]] = {}
+    for path, label in samples:
+        by_class.setdefault(label, []).append(path)
+    picked: list[tuple[int, str]] = []
+    for rank in range(max(map(len, by_class.values()))):
+        picked += [(label, files[rank]) for label, files in by_class.items() if rank < len(files)]
+    return [(f"{classes[label] if classes else 'image'}-{Path(path).stem}", load_rgb(path))
+            for label, path in picked[:count]]
+
+
+def attention_comparison(backbones: dict[str, nn.Module], images: Sequence[tuple[str, Image.Image]],
+                         image_size: int) -> tuple[list[np.ndarray], np.ndarray]:
+    """The same pictures through several networks: (pictures [H, W, 3] uint8, maps [images, networks, heads, h, w])
+    with the networks in `backbones`' order and the heads in each network's own order."""
+    patch = next(iter(backbones.values())).patch_size
+    pictures = [_resized(image, image_size, patch) for _, image in images]
+    maps = np.stack([np.stack([attention_maps(backbone, _normalized(picture)).numpy()
+                               for backbone in backbones.values()]) for picture in pictures])
+    return [np.asarray(picture) for picture in pictures], maps
+
+
+def save_attention_comparison(backbones: dict[str, nn.Module], images: Sequence[tuple[str, Image.Image]],
+                              path: str | os.PathLike, image_size: int) -> Path:
+    """One figure, a row per image: the image, then every head's CLS attention of each network side by side
+    (e.g. the trained teacher beside its random-init twin), so what training changed is seen at a glance."""
+    pictures, maps = attention_comparison(backbones, images, image_size)
+    heads = maps.shape[2]
+    columns = 1 + len(backbones) * heads
+    figure, axes = plt.subplots(len(pictures), columns, figsize=(1.6 * columns, 1.7 * len(pictures)), squeeze=False)
+    for row, ((name, _), picture) in enumerate(zip(images, pictures)):
+        axes[row, 0].imshow(picture)
+        axes[row, 0].set_title(name, fontsize=8)
+        for index, label in enumerate(backbones):
+            for head in range(heads):
+                axis = axes[row, 1 + index * heads + head]
+                axis.imshow(maps[row, index, head], cmap="viridis")
+                axis.set_title(f"{label} h{head}", fontsize=8)
+    for axis in axes.flat:
+        axis.set_axis_off()
+    figure.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path
+
+
 def save_attention_maps(backbone: nn.Module, image: Image.Image | str | os.PathLike, out_dir: str | os.PathLike,
                         image_size: int = 480, name: str = "image", keep: float = 0.6) -> list[Path]:
     """Write the attention pictures of one image; return the written paths.
@@ -131,8 +186,7 @@ def save_attention_maps(backbone: nn.Module, image: Image.Image | str | os.PathL
     if not isinstance(image, Image.Image):
         image = load_rgb(image)
     picture = _resized(image, image_size, backbone.patch_size)
-    normalize = transforms.Compose([transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
-    maps = attention_maps(backbone, normalize(picture))                            # [heads, h, w]
+    maps = attention_maps(backbone, _normalized(picture))                          # [heads, h, w]
     heads, grid_h, grid_w = maps.shape
     masks = threshold_mask(maps.reshape(heads, -1), keep).reshape(heads, grid_h, grid_w)
     maps_px = _upsample(maps.numpy(), backbone.patch_size)
