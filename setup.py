@@ -23,6 +23,7 @@ setup(
         "scikit-learn",
         "scikit-image",
     ],
+    entry_points={"console_scripts": ["fastdino = fastdino.cli:main"]},
     extras_require={
         "dali": ["nvidia-dali-cuda130"],
         "xformers": ["xformers"],

@@ -33,55 +33,55 @@ class ConfigError(UsageError, ValueError):
 @dataclass
 class ModelConfig:
     arch: str = "vit_small"  # vit_tiny | vit_small | vit_base
-    patch_size: int = 16
+    patch_size: int = 16  # side in pixels of the square patches (8 or 16 in the paper)
     # side in pixels of the position-embedding grid: 224 is the reference's (every crop interpolates from it); the
     # training crop size instead gives a crop-sized grid, fewer parameters when every crop is far below 224 (demo)
     pos_embed_size: int = 224
     depth: int | None = None  # None: the architecture's own (12); smaller for quick CPU runs
-    out_dim: int = 65536
-    norm_last_layer: bool = True
-    use_bn_in_head: bool = False
-    head_hidden_dim: int = 2048
-    head_bottleneck_dim: int = 256
-    head_nlayers: int = 3
-    drop_path_rate: float = 0.1
+    out_dim: int = 65536  # prototypes K of the head's output (the softmax size of the loss)
+    norm_last_layer: bool = True  # head's last layer weight-normalized with its norm fixed (false: learned, ViT-S/16)
+    use_bn_in_head: bool = False  # batch norm in the projection head's MLP
+    head_hidden_dim: int = 2048  # width of the projection head's hidden layers
+    head_bottleneck_dim: int = 256  # width of the head's bottleneck before the last layer
+    head_nlayers: int = 3  # MLP layers in the projection head
+    drop_path_rate: float = 0.1  # stochastic depth of the student's last block (linear from 0 at the first)
     attention: str = "auto"  # auto | xformers | sdpa | math
 
 
 @dataclass
 class DataConfig:
-    path: str = ""
+    path: str = ""  # training images: a folder of class folders (ImageFolder) or a flat folder of images
     loader: str = "auto"  # auto (CUDA: DALI if installed, else gpu_decode; CPU: torch) | dali | gpu_decode | torch
-    global_crops_scale: tuple[float, float] = (0.4, 1.0)
-    local_crops_scale: tuple[float, float] = (0.05, 0.4)
-    local_crops_number: int = 8
-    global_crop_size: int = 224
-    local_crop_size: int = 96
-    batch_size_per_gpu: int = 64
-    num_workers: int = 10
+    global_crops_scale: tuple[float, float] = (0.4, 1.0)  # area fraction range of the global crops
+    local_crops_scale: tuple[float, float] = (0.05, 0.4)  # area fraction range of the local crops
+    local_crops_number: int = 8  # local crops per image (the paper's recipes: 10)
+    global_crop_size: int = 224  # side in pixels of the two global crops
+    local_crop_size: int = 96  # side in pixels of the local crops
+    batch_size_per_gpu: int = 64  # images per process and step (the global batch is this times the world size)
+    num_workers: int = 10  # loader worker processes per training process; 0: load in the training process
 
 
 @dataclass
 class OptimConfig:
-    optimizer: str = "adamw"
+    optimizer: str = "adamw"  # adamw (the reference's default and the only one supported)
     lr: float = 0.0005  # peak lr for a total batch of 256, scaled linearly with the batch
-    min_lr: float = 1e-6
-    warmup_epochs: int = 10
-    weight_decay: float = 0.04
-    weight_decay_end: float = 0.4
+    min_lr: float = 1e-6  # lr at the end of the cosine decay
+    warmup_epochs: int = 10  # epochs of linear lr warmup from 0
+    weight_decay: float = 0.04  # weight decay at the start, cosine to weight_decay_end (biases and norms: none)
+    weight_decay_end: float = 0.4  # weight decay at the end of training
     clip_grad: float = 3.0  # per-parameter gradient norm cap; 0 disables
     freeze_last_layer: int = 1  # epochs during which the head's last layer gets no update
-    epochs: int = 100
+    epochs: int = 100  # length of training; every schedule spans it
 
 
 @dataclass
 class DinoConfig:
-    momentum_teacher: float = 0.996
-    warmup_teacher_temp: float = 0.04
-    teacher_temp: float = 0.04
-    warmup_teacher_temp_epochs: int = 0
-    student_temp: float = 0.1
-    center_momentum: float = 0.9
+    momentum_teacher: float = 0.996  # teacher EMA momentum at the start, cosine to 1 at the end
+    warmup_teacher_temp: float = 0.04  # teacher temperature at the start of its warmup
+    teacher_temp: float = 0.04  # teacher temperature after warmup_teacher_temp_epochs (the paper: up to 0.07)
+    warmup_teacher_temp_epochs: int = 0  # epochs of linear teacher temperature warmup (the paper: 30)
+    student_temp: float = 0.1  # student softmax temperature
+    center_momentum: float = 0.9  # EMA momentum of the center subtracted from the teacher output
 
 
 @dataclass
@@ -102,8 +102,8 @@ class EvalConfig:
     knn_train_path: str = ""  # labelled ImageFolder used as the kNN memory bank
     knn_val_path: str = ""  # labelled ImageFolder used as kNN queries
     knn_every_epochs: int = 0  # periodic kNN during training; 0 disables
-    knn_k: int = 20
-    knn_temperature: float = 0.07
+    knn_k: int = 20  # neighbours that vote (the paper reports 20)
+    knn_temperature: float = 0.07  # temperature of the kNN vote weights exp(similarity / T)
     image_size: int = 224  # evaluation resolution
     final_knn: bool = False  # after training: kNN of the teacher and of a random-init twin
     attention_images: int = 0  # after training: attention pictures of this many bundled photos
@@ -113,7 +113,7 @@ class EvalConfig:
 @dataclass
 class DistributedConfig:
     strategy: str = "auto"  # auto (fsdp when world size > 1) | fsdp | ddp | none
-    activation_checkpointing: bool = False
+    activation_checkpointing: bool = False  # recompute each block's activations in backward: less memory
 
 
 @dataclass
@@ -125,8 +125,8 @@ class Config:
     fast: FastConfig = field(default_factory=FastConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
-    output_dir: str = "."
-    seed: int = 0
+    output_dir: str = "."  # where checkpoints, logs and pictures go; a run there is resumed
+    seed: int = 0  # seed of the weights, the augmentations and the data order
     device: str = "auto"  # auto | cuda | cpu
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp16 | fp32
     log_every: int = 10  # steps between log lines (and non-finite loss checks)
@@ -470,13 +470,24 @@ def config_from_dict(content: dict[str, Any]) -> Config:
     return config
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Descriptions and epilogs as written; each option's help ends with its default, when it has one and does not
+    already say it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        shown = action.option_strings and action.default not in (None, False, argparse.SUPPRESS)
+        said = "default" in action.help.lower()  # the help already says it in words
+        return action.help if said or not shown else f"{action.help} (default: %(default)s)"
+
+
 class CheckedArgumentParser(argparse.ArgumentParser):
     """The commands' argument parser: parsed options are checked against `rules` (option -> Rule, e.g.
     `{"--batch-size": positive}`; list values item by item; None, an option not given, passes), and every
-    error, argparse's own included, is a UsageError: one line and exit code 2 under `report_usage_errors`."""
+    error, argparse's own included, is a UsageError: one line and exit code 2 under `report_usage_errors`.
+    `--help` shows every option's default (`HelpFormatter`)."""
 
     def __init__(self, *args: Any, rules: Mapping[str, Rule] | None = None, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+        super().__init__(*args, formatter_class=kwargs.pop("formatter_class", HelpFormatter), **kwargs)
         self.rules = dict(rules or {})
 
     def parse_known_args(self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None):

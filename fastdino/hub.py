@@ -221,7 +221,8 @@ def add_backbone_arguments(parser: argparse.ArgumentParser) -> None:
                         help="vit_tiny, vit_small or vit_base; default: read from the weights (if given, checked)")
     parser.add_argument("--patch-size", type=int, default=None,
                         help="default: read from the weights (if given, checked against them)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="where the backbone runs (cuda when there is a GPU)")
 
 
 def backbone_from_arguments(args: argparse.Namespace) -> nn.Module:

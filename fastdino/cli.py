@@ -1,0 +1,78 @@
+"""The `fastdino` command: one entry point for training, evaluation, export and the benchmarks.
+
+Each subcommand is the `main` of the module that owns it, so `fastdino eval knn ...` and
+`python -m fastdino.eval.knn ...` are the same command with the same options.
+"""
+from __future__ import annotations
+
+import ast
+import importlib
+import runpy
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from fastdino.errors import UsageError, report_usage_errors
+
+# command words -> (module whose main runs it, one line for `fastdino --help`)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "train": ("fastdino.train", "pretrain a ViT with DINO (`fastdino train --help` lists every setting)"),
+    "eval knn": ("fastdino.eval.knn", "weighted kNN top-1/top-5 of a checkpoint's frozen features"),
+    "eval linear": ("fastdino.eval.linear", "linear probe on frozen features, the paper's protocol"),
+    "eval attention": ("fastdino.eval.attention", "per-head self-attention pictures of a checkpoint"),
+    "export": ("fastdino.export", "a checkpoint's backbone in the reference's or timm's layout, checked"),
+}
+# The benchmarks are scripts of a checkout (they write under bench/results/), not part of the installed package.
+BENCH_DIR = Path(__file__).resolve().parents[1] / "bench"
+
+
+def benchmarks() -> dict[str, Path]:
+    """{name: script} of the checkout's `bench/bench_<name>.py` files (empty outside a checkout)."""
+    return {path.stem.removeprefix("bench_"): path for path in sorted(BENCH_DIR.glob("bench_*.py"))}
+
+
+def _first_docstring_line(script: Path) -> str:
+    return (ast.get_docstring(ast.parse(script.read_text())) or "").split("\n\n")[0].replace("\n", " ")
+
+
+def usage() -> str:
+    """`fastdino --help`: every command with one line."""
+    names = [*COMMANDS, "bench NAME"]
+    width = max(map(len, names)) + 4
+    lines = ["usage: fastdino COMMAND [options]   (`fastdino COMMAND --help` for its options)", "", "commands:"]
+    lines += [f"  {words:<{width}}{meaning}" for words, (_, meaning) in COMMANDS.items()]
+    lines.append(f"  {'bench NAME':<{width}}a benchmark of the checkout's bench/ folder against its baseline:")
+    lines += [f"  {'  ' + name:<{width}}{_first_docstring_line(script)}" for name, script in benchmarks().items()]
+    return "\n".join(lines)
+
+
+def _run_benchmark(words: list[str]) -> int:
+    scripts = benchmarks()
+    if not scripts:
+        raise UsageError(f"fastdino bench needs a checkout of fastdino: no bench/ folder at {BENCH_DIR}")
+    if not words or words[0] not in scripts:
+        given = f"{words[0]!r} is not one" if words else "name one"
+        raise UsageError(f"fastdino bench NAME: {given} of {', '.join(scripts)}")
+    sys.argv = [f"fastdino bench {words[0]}", *words[1:]]
+    runpy.run_path(str(scripts[words[0]]), run_name="__main__")  # the script ends with its own sys.exit
+    return 0
+
+
+@report_usage_errors
+def main(argv: Sequence[str] | None = None) -> int:
+    words = list(sys.argv[1:] if argv is None else argv)
+    if not words or words[0] in ("-h", "--help"):
+        print(usage())
+        return 0
+    if words[0] == "bench":
+        return _run_benchmark(words[1:])
+    command = " ".join(words[:2]) if words[0] == "eval" else words[0]
+    if command not in COMMANDS:
+        raise UsageError(f"unknown command {command!r}: one of {', '.join([*COMMANDS, 'bench'])} (see fastdino --help)")
+    sys.argv[0] = f"fastdino {command}"  # the subcommand's --help and errors name it as typed
+    result = importlib.import_module(COMMANDS[command][0]).main(words[len(command.split()):])
+    return result if isinstance(result, int) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
