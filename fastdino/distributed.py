@@ -74,7 +74,8 @@ class DistributedContext:
 
 
 def init_distributed(device_preference: str = "auto") -> DistributedContext:
-    """Join the process group `torchrun` describes (NCCL on GPUs, gloo on CPU), or run as a single process.
+    """Join the process group `torchrun` describes (NCCL on GPUs, gloo on CPU), or run as a single process (on the
+    GPU `cuda:N` names, if one is named). Training and the eval commands start the same way.
 
     torchrun sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT (multi-node: through its rendezvous).
     """
@@ -82,7 +83,9 @@ def init_distributed(device_preference: str = "auto") -> DistributedContext:
     if device_preference == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("device=cuda was asked for but CUDA is not available (use device=auto or cpu)")
     if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) == 1:
-        device = torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu")
+        index = torch.device(device_preference).index if device_preference.startswith("cuda") else None
+        device = torch.device("cuda", torch.cuda.current_device() if index is None else index) if use_cuda else \
+            torch.device("cpu")
         return DistributedContext.single(device)
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     if use_cuda:
@@ -102,6 +105,19 @@ def init_distributed(device_preference: str = "auto") -> DistributedContext:
         else:
             dist.init_process_group("gloo")
     return DistributedContext(rank, world_size, device)
+
+
+def rank_and_world_size() -> tuple[int, int]:
+    """(rank, world size) of the process group this process joined, (0, 1) without one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def print_on_rank0(message: str) -> None:
+    """A command's result line, said once under torchrun."""
+    if rank_and_world_size()[0] == 0:
+        print(message)
 
 
 def shutdown_distributed() -> None:

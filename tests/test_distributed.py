@@ -221,9 +221,9 @@ def test_fsdp_stop_and_resume_is_bit_identical(two_ranks):
 def test_exported_teacher_loads_into_a_plain_vit(two_ranks):
     work, _ = two_ranks
     inside = torch.load(work / "inside.pt")
-    backbone = vit_tiny(patch_size=8, depth=2, img_size=16)
+    backbone = vit_tiny(patch_size=8, depth=2)  # the reference's 224 px position grid, whatever the crop size
     backbone.load_state_dict(torch.load(work / "backbone.pth", weights_only=True), strict=True)
-    network = MultiCropWrapper(vit_tiny(patch_size=8, depth=2, img_size=16),
+    network = MultiCropWrapper(vit_tiny(patch_size=8, depth=2),
                                DINOHead(192, 64, hidden_dim=32, bottleneck_dim=16))
     network.load_state_dict(torch.load(work / "teacher.pth", weights_only=True), strict=True)
     with torch.no_grad():

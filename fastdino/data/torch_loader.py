@@ -54,7 +54,7 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
     return mix_seeds(seed, epoch, index, 1)
 
 
-class _SeededSamples(Dataset):
+class SeededSamples(Dataset):
     """Wraps a dataset so that key (epoch, index) returns dataset[index] with RNG seeded by (seed, epoch, index).
 
     torch's CPU generator and python's `random` are seeded (numpy's is not). In a worker process the global state is
@@ -146,7 +146,7 @@ class MultiCropLoader:
         worker_options = dict(prefetch_factor=prefetch_factor, persistent_workers=persistent_workers) \
             if num_workers > 0 else {}
         # Its own generator: DataLoader otherwise draws the workers' base seed from the global one at every epoch.
-        self._loader = DataLoader(_SeededSamples(dataset, seed), batch_sampler=self._plan, num_workers=num_workers,
+        self._loader = DataLoader(SeededSamples(dataset, seed), batch_sampler=self._plan, num_workers=num_workers,
                                   collate_fn=collate_multicrop, pin_memory=pin_memory,
                                   generator=torch.Generator().manual_seed(mix_seeds(seed, rank)), **worker_options)
 

@@ -27,6 +27,7 @@ from torchvision import transforms
 from fastdino import checkpoint as checkpoint_io
 from fastdino.config import RULES, CheckedArgumentParser, Rule, existing_folder, existing_path, not_a_file, positive
 from fastdino.data import IMAGENET_MEAN, IMAGENET_STD, ImageFolderDataset
+from fastdino.distributed import init_distributed, print_on_rank0, rank_and_world_size
 from fastdino.errors import report_usage_errors
 
 # The reference evaluates 224-pixel crops of images resized to 256; other sizes keep that ratio.
@@ -73,12 +74,6 @@ def extract_features(backbone: nn.Module, loader: Iterable, device: torch.device
     return torch.cat(features), torch.cat(labels)
 
 
-def _rank_and_world_size() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def _all_gather_rows(tensor: torch.Tensor) -> torch.Tensor:
     """Concatenate equal-shaped per-rank tensors along dim 0, rank order."""
     parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
@@ -99,7 +94,7 @@ def extract_dataset_features(backbone: nn.Module, dataset, device: torch.device 
     """
     if len(dataset) == 0:
         raise ValueError("cannot extract features of an empty dataset")
-    rank, world_size = _rank_and_world_size() if collective else (0, 1)
+    rank, world_size = rank_and_world_size() if collective else (0, 1)
     count = len(dataset)
     share = math.ceil(count / world_size)
     indices = [min(i, count - 1) for i in range(rank * share, (rank + 1) * share)]
@@ -168,22 +163,6 @@ def knn_classify(train_features: torch.Tensor, train_labels: torch.Tensor, test_
     return {"top1": 100.0 * correct_top1.item() / num_test, "top5": top5}
 
 
-def _print_on_rank0(message: str) -> None:
-    if _rank_and_world_size()[0] == 0:
-        print(message)
-
-
-def _init_distributed_from_env(device: str) -> torch.device:
-    """Join the process group when started by torchrun (WORLD_SIZE > 1); each process takes GPU LOCAL_RANK."""
-    device = torch.device(device)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        if device.type == "cuda":
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return device
-
-
 def _labelled_folders(train_dir: str | os.PathLike, val_dir: str | os.PathLike, transform):
     train_set = ImageFolderDataset(train_dir, transform)
     val_set = ImageFolderDataset(val_dir, transform)
@@ -227,13 +206,13 @@ def _cached_dataset_features(backbone: nn.Module, dataset, args: argparse.Namesp
                 "image_size": args.image_size, "amp": args.amp, "num_samples": len(dataset)}
     path = _cache_path(Path(args.cache_dir), args.checkpoint, folder, settings)
     if path.is_file():
-        _print_on_rank0(f"features of {folder} read from the cache {path}")
+        print_on_rank0(f"features of {folder} read from the cache {path}")
         cached = checkpoint_io.load(path, map_location=device)
         return cached["features"], cached["labels"]
     features, labels = extract_dataset_features(backbone, dataset, device, args.batch_size, args.num_workers, args.amp)
-    if _rank_and_world_size()[0] == 0:
+    if rank_and_world_size()[0] == 0:
         checkpoint_io.save_atomic({"features": features.cpu(), "labels": labels.cpu()}, path)
-        _print_on_rank0(f"features of {folder} cached in {path}")
+        print_on_rank0(f"features of {folder} cached in {path}")
     return features, labels
 
 
@@ -270,23 +249,23 @@ def main(argv: Sequence[str] | None = None) -> dict[int, dict[str, float | None]
                         help="keep extracted features here, keyed by checkpoint file, folder and settings")
     args = parser.parse_args(argv)
 
-    device = _init_distributed_from_env(args.device)
+    device = init_distributed(args.device).device
     backbone = backbone_from_arguments(args).to(device)
     train_set, val_set = _labelled_folders(args.train_dir, args.val_dir, eval_transform(args.image_size))
-    _print_on_rank0(f"{len(train_set)} train and {len(val_set)} val images, {len(train_set.classes)} classes")
+    print_on_rank0(f"{len(train_set)} train and {len(val_set)} val images, {len(train_set.classes)} classes")
     train_features, train_labels = _cached_dataset_features(backbone, train_set, args, device, args.train_dir)
     val_features, val_labels = _cached_dataset_features(backbone, val_set, args, device, args.val_dir)
 
     results = {}
     for k in args.k:
         if k > len(train_set):
-            _print_on_rank0(f"k={k} skipped: only {len(train_set)} train images")
+            print_on_rank0(f"k={k} skipped: only {len(train_set)} train images")
             continue
         results[k] = knn_classify(train_features, train_labels, val_features, val_labels, k=k,
                                   temperature=args.temperature, num_classes=len(train_set.classes))
         top5 = results[k]["top5"]
         top5_text = f", top-5 {top5:.2f}%" if top5 is not None else ""
-        _print_on_rank0(f"{k}-NN: top-1 {results[k]['top1']:.2f}%{top5_text}")
+        print_on_rank0(f"{k}-NN: top-1 {results[k]['top1']:.2f}%{top5_text}")
     if dist.is_initialized():
         dist.destroy_process_group()
     return results

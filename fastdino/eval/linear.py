@@ -43,11 +43,10 @@ from torchvision import transforms
 from fastdino import checkpoint as checkpoint_io
 from fastdino.config import RULES, CheckedArgumentParser, existing_file, existing_folder, not_a_file, positive
 from fastdino.data import IMAGENET_MEAN, IMAGENET_STD, ImageFolderDataset, epoch_batches
-from fastdino.data.torch_loader import _SeededSamples
-from fastdino.distributed import unwrap
+from fastdino.data.torch_loader import SeededSamples
+from fastdino.distributed import init_distributed, print_on_rank0, rank_and_world_size, unwrap
 from fastdino.errors import UsageError, report_usage_errors
-from fastdino.eval.knn import (_init_distributed_from_env, _print_on_rank0, _rank_and_world_size,
-                               backbone_option_rules, eval_transform)
+from fastdino.eval.knn import backbone_option_rules, eval_transform
 
 # Per step: (this process's features [b, F], labels [b], size of the global batch they belong to); b may be 0.
 TrainBatches = Callable[[int], Iterable[tuple[torch.Tensor, torch.Tensor, int]]]
@@ -103,7 +102,7 @@ def evaluate_linear(classifier: nn.Module, batches: Iterable[tuple[torch.Tensor,
         counts[0] += (ranking[:, 0] == labels).sum()
         counts[1] += (ranking == labels[:, None]).any(dim=1).sum()
         counts[2] += labels.shape[0]
-    if _rank_and_world_size()[1] > 1:
+    if rank_and_world_size()[1] > 1:
         dist.all_reduce(counts)
     correct_top1, correct_top5, total = counts.tolist()
     if total == 0:
@@ -115,7 +114,7 @@ def evaluate_linear(classifier: nn.Module, batches: Iterable[tuple[torch.Tensor,
 def _train_one_epoch(classifier: nn.Module, optimizer: torch.optim.Optimizer,
                      batches: Iterable[tuple[torch.Tensor, torch.Tensor, int]], device: torch.device | str) -> float:
     """One pass over `batches` (see TrainBatches); returns the mean loss over the epoch's samples, all processes."""
-    world_size = _rank_and_world_size()[1]
+    world_size = rank_and_world_size()[1]
     classifier.train()
     totals = torch.zeros(2, dtype=torch.float64, device=device)  # summed loss, samples
     for features, labels, global_batch in batches:
@@ -218,10 +217,10 @@ def train_epoch_batches(features: FrozenFeatures, dataset: Dataset, batch_size: 
                         num_workers: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
     """This process's steps of `epoch` (TrainBatches): its strided part of each global batch of batch_size * N
     samples (see the module docstring), each sample augmented from its (seed, epoch, index) generator."""
-    rank, world_size = _rank_and_world_size()
+    rank, world_size = rank_and_world_size()
     global_batches = epoch_batches(len(dataset), batch_size * world_size, seed, epoch, drop_last=False)
     parts = [batch[rank::world_size] for batch in global_batches]
-    loader = DataLoader(_SeededSamples(dataset, seed), batch_sampler=[[(epoch, i) for i in p] for p in parts if p],
+    loader = DataLoader(SeededSamples(dataset, seed), batch_sampler=[[(epoch, i) for i in p] for p in parts if p],
                         num_workers=num_workers, pin_memory=features.device.type == "cuda")
     loaded = features.of(loader)
     for batch, part in zip(global_batches, parts):
@@ -233,7 +232,7 @@ def train_epoch_batches(features: FrozenFeatures, dataset: Dataset, batch_size: 
 
 def val_loader(dataset: Dataset, batch_size: int, num_workers: int, device: torch.device) -> DataLoader:
     """This process's share of the val set: samples rank, rank + N, ... (all of them in one process)."""
-    rank, world_size = _rank_and_world_size()
+    rank, world_size = rank_and_world_size()
     return DataLoader(Subset(dataset, range(rank, len(dataset), world_size)), batch_size, shuffle=False,
                       num_workers=num_workers, pin_memory=device.type == "cuda")
 
@@ -261,7 +260,7 @@ def _progress_writer(output_dir: Path | None, settings: dict[str, Any]) -> Calla
         return None
 
     def write(checkpoint: dict[str, Any]) -> None:
-        if _rank_and_world_size()[0] != 0:
+        if rank_and_world_size()[0] != 0:
             return
         checkpoint_io.save_atomic({**checkpoint, "settings": settings}, Path(output_dir) / checkpoint_io.LATEST)
         log_path = Path(output_dir) / LOG_FILE
@@ -285,7 +284,7 @@ def linear_probe(backbone: nn.Module, train_dir: str | os.PathLike, val_dir: str
                  device: torch.device | str, n_last_blocks: int = 4, avgpool: bool = False, epochs: int = 100,
                  batch_size: int = 128, base_lr: float = 0.001, num_workers: int = 8, amp: bool = False,
                  seed: int = 0, output_dir: str | os.PathLike | None = None,
-                 log: Callable[[str], None] = _print_on_rank0, stop_after_epochs: int | None = None) -> dict:
+                 log: Callable[[str], None] = print_on_rank0, stop_after_epochs: int | None = None) -> dict:
     """The full protocol on two class-folder datasets; returns `train_linear_classifier`'s result.
 
     Collective under torch.distributed (every process calls it; the classifier is DDP-wrapped); `batch_size` is per
@@ -295,7 +294,7 @@ def linear_probe(backbone: nn.Module, train_dir: str | os.PathLike, val_dir: str
     device = torch.device(device)
     train_set, val_set = _labelled_pair(train_dir, val_dir, image_size)
     features = FrozenFeatures(backbone.eval().requires_grad_(False).to(device), device, n_last_blocks, avgpool, amp)
-    world_size = _rank_and_world_size()[1]
+    world_size = rank_and_world_size()[1]
     lr = base_lr * batch_size * world_size / 256
     settings = {"epochs": epochs, "lr": lr, "global_batch": batch_size * world_size, "seed": seed,
                 "image_size": image_size, "n_last_blocks": n_last_blocks, "avgpool": avgpool,
@@ -408,7 +407,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     from fastdino.hub import backbone_from_arguments
 
     args = _parse_arguments(argv)
-    device = _init_distributed_from_env(args.device)
+    device = init_distributed(args.device).device
     backbone = backbone_from_arguments(args)
     n_last_blocks, avgpool = _feature_rule(backbone, args.n_last_blocks, args.avgpool)
     if args.evaluate:
@@ -417,13 +416,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
         result = evaluate_saved_classifier(features, source, args.val_dir, args.image_size, args.batch_size,
                                            args.num_workers)
         top5 = f", top-5 {result['top5']:.2f}%" if result["top5"] is not None else ""
-        _print_on_rank0(f"linear probe of {source}: val top-1 {result['top1']:.2f}%{top5}")
+        print_on_rank0(f"linear probe of {source}: val top-1 {result['top1']:.2f}%{top5}")
     else:
         result = linear_probe(backbone, args.train_dir, args.val_dir, args.image_size, device,
                               n_last_blocks=n_last_blocks, avgpool=avgpool, epochs=args.epochs,
                               batch_size=args.batch_size, base_lr=args.lr, num_workers=args.num_workers, amp=args.amp,
                               seed=args.seed, output_dir=args.output_dir)
-        _print_on_rank0(f"linear probe: best val top-1 {result['best_top1']:.2f}%")
+        print_on_rank0(f"linear probe: best val top-1 {result['best_top1']:.2f}%")
     if dist.is_initialized():
         dist.destroy_process_group()
     return result
