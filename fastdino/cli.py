@@ -20,7 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval knn": ("fastdino.eval.knn", "weighted kNN top-1/top-5 of a checkpoint's frozen features"),
     "eval linear": ("fastdino.eval.linear", "linear probe on frozen features, the paper's protocol"),
     "eval attention": ("fastdino.eval.attention", "per-head self-attention pictures of a checkpoint"),
-    "export": ("fastdino.export", "a checkpoint's backbone in the reference's or timm's layout, checked"),
+    "export": ("fastdino.export", "a checkpoint's backbone (reference or timm layout) or whole run (reference-run)"),
 }
 # The benchmarks are scripts of a checkout (they write under bench/results/), not part of the installed package.
 BENCH_DIR = Path(__file__).resolve().parents[1] / "bench"

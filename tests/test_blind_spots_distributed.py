@@ -211,7 +211,7 @@ def test_periodic_knn_under_fsdp_equals_one_process_on_the_same_teacher(two_rank
     got = torch.load(two_ranks / "periodic_knn.pt")
     figures = [row["knn_top1"] for row in got["rows"] if "knn_top1" in row]
     assert len(figures) == 1
-    backbone = vit_tiny(patch_size=8, depth=1, img_size=16)
+    backbone = vit_tiny(patch_size=8, depth=1)  # the trainer's 224 px position grid
     backbone.load_state_dict(got["backbone"])
     data = two_ranks / "images"
     expected = knn_accuracy(backbone, data, data, image_size=16, device="cpu", k=3, num_workers=0)["top1"]

@@ -263,6 +263,6 @@ def test_reference_checkpoint_without_payload_loads(run, tmp_path):
     trained = checkpoint.load(run[0] / "plain" / checkpoint.LATEST)
     path = tmp_path / "reference.pth"
     torch.save({"teacher": trained["teacher"], "epoch": 1, "args": argparse.Namespace(arch="vit_tiny")}, path)
-    model = hub.load_pretrained(path, "vit_tiny", patch_size=8, depth=1, img_size=16)
+    model = hub.load_pretrained(path, "vit_tiny", patch_size=8, depth=1, img_size=224)
     expected = hub.backbone_state_dict(trained["teacher"])
     assert all(torch.equal(model.state_dict()[key], value) for key, value in expected.items())
