@@ -135,8 +135,10 @@ def test_deterministic_by_seed_and_resumable(folder):
     for (crops_a, labels_a), (crops_b, labels_b) in zip(first, again):
         assert torch.equal(labels_a, labels_b) and all(torch.equal(a, b) for a, b in zip(crops_a, crops_b))
     assert not torch.equal(first[0][0][0], other_epoch[0][0][0])
-    resumed = crops_of(0, 1, start_step=2)
-    assert [labels.tolist() for _, labels in resumed] == [labels.tolist() for _, labels in first[2:]]
+    resumed = crops_of(0, 1, start_step=2)  # the same images with the same augmentation
+    assert len(resumed) == len(first) - 2
+    for (crops_a, labels_a), (crops_b, labels_b) in zip(first[2:], resumed):
+        assert torch.equal(labels_a, labels_b) and all(torch.equal(a, b) for a, b in zip(crops_a, crops_b))
 
 
 def test_crop_windows_match_torchvision_random_resized_crop(tmp_path):
@@ -241,13 +243,14 @@ def test_colour_jitter_ranges(tmp_path, factor):
     elif factor == "saturation":  # chroma (pixel - luma) scales, luma stays
         measured = (left - (left @ luma)[:, None]).norm(dim=1) / (in_left - in_left @ luma).norm()
         low, high = 0.8, 1.2
-    else:  # hue: a rotation of the chroma plane (I, Q) of YIQ; luma stays
-        to_iq = torch.tensor([[0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
-        iq, reference = left @ to_iq.T, to_iq @ in_left
-        cosine = (iq @ reference) / (iq.norm(dim=1) * reference.norm())
-        measured = torch.rad2deg(torch.arccos(cosine.clamp(-1, 1)))
-        low, high = 0.0, 36.0
-        torch.testing.assert_close(left @ luma, (in_left @ luma).expand(len(left)), atol=1.5, rtol=0)
+    else:  # hue: PIL's uint8 HSV hue moves by trunc(255 h), h ~ U(-0.1, 0.1) (torchvision); the max channel stays
+        def pil_hsv(rgb: torch.Tensor) -> torch.Tensor:
+            pixels = rgb.round().to(torch.uint8).numpy()[None]
+            return torch.tensor(np.asarray(Image.fromarray(pixels).convert("HSV"))[0], dtype=torch.float32)
+
+        measured = (pil_hsv(left)[:, 0] - pil_hsv(in_left[None])[0, 0] + 128) % 256 - 128
+        low, high = -25.0, 25.0
+        torch.testing.assert_close(left.max(1).values, in_left.max().expand(len(left)), atol=0.5, rtol=0)
     slack = 0.03 * (high - low)
     assert measured.min() >= low - slack and measured.max() <= high + slack, (measured.min(), measured.max())
     # 128 uniform draws cover the range: the extremes are within 10 % of its ends
