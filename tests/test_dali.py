@@ -19,11 +19,11 @@ from PIL import Image  # noqa: E402
 from scipy.stats import ks_2samp, kstest  # noqa: E402
 from torchvision.transforms import RandomResizedCrop  # noqa: E402
 
-from fastdino.data.augment import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
+from fastdino.data import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 from fastdino.data.dali import (DaliMultiCropLoader, WebDatasetShards, make_webdataset_index,  # noqa: E402
                                 scan_image_files)
-from fastdino.data.dali_pipeline import MultiCropRecipe  # noqa: E402
 from fastdino.data.datasets import DatasetError  # noqa: E402
+from fastdino.data.recipe import MultiCropRecipe  # noqa: E402
 from fastdino.data.torch_loader import epoch_batches  # noqa: E402
 
 NO_EFFECTS = dict(flip_p=0.0, jitter_p=0.0, grayscale_p=0.0, blur_p=(0.0, 0.0, 0.0), solarize_p=(0.0, 0.0, 0.0))

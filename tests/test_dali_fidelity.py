@@ -28,8 +28,9 @@ from torchvision import transforms  # noqa: E402
 from fastdino.data import DataAugmentationDINO, ImageFolderDataset, MultiCropLoader, sample_seed  # noqa: E402
 from fastdino.data import dali_pipeline  # noqa: E402
 from fastdino.data.dali import DaliMultiCropLoader  # noqa: E402
-from fastdino.data.dali_pipeline import HUE, MultiCropRecipe, draw_augmentations  # noqa: E402
+from fastdino.data.dali_draws import draw_augmentations  # noqa: E402
 from fastdino.data.demo_dataset import demo_attention_images  # noqa: E402
+from fastdino.data.recipe import HUE, MultiCropRecipe  # noqa: E402
 
 NATIVE = 32  # photo side for the exact tests: crops of the whole photo at this size need no resampling
 WHOLE_PHOTO = dict(global_crops_scale=(1.0, 1.0), local_crops_scale=(1.0, 1.0), global_crop_size=NATIVE,

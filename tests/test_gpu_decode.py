@@ -18,8 +18,10 @@ from torchvision.transforms.v2 import functional as TF
 
 from fastdino import trainer as trainer_module
 from fastdino.data import IMAGENET_MEAN, IMAGENET_STD, DataAugmentationDINO, ImageFolderDataset, MultiCropLoader
-from fastdino.data.gpu_decode import (CropParams, GpuDecodeMultiCropLoader, augment_batch, decode_on_cpu,
-                                      draw_crop_window, draw_image_params, draw_jitter, multicrop_slots)
+from fastdino.data.gpu_decode import GpuDecodeMultiCropLoader, decode_on_cpu
+from fastdino.data.gpu_decode_augment import augment_batch
+from fastdino.data.gpu_decode_draws import CropParams, draw_crop_window, draw_image_params, draw_jitter
+from fastdino.data.recipe import multicrop_slots
 
 NUM_IMAGES = 12
 RECIPE = dict(global_crops_scale=(0.4, 1.0), local_crops_scale=(0.05, 0.4), local_crops_number=2,

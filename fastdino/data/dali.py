@@ -1,14 +1,15 @@
 """DINO multi-crop batches from an NVIDIA DALI pipeline: decode each image once (nvJPEG on a GPU), crop and augment.
 
 Drop-in for `MultiCropLoader`: `len(loader)` steps per epoch on this rank, `loader.epoch_iter(epoch, start_step)`
-yields `(crops: list of [B, 3, H, W], labels: int64 [B])`, two global crops first. The graph is in `dali_pipeline.py`.
+yields `(crops: list of [B, 3, H, W], labels: int64 [B])`, two global crops first. What the crops get is a
+`recipe.MultiCropRecipe`; the graph is in `dali_pipeline.py`, the host-side draws it reads in `dali_draws.py`.
 
 Order, sharding, determinism, resume
 - Folder datasets use `torch_loader.epoch_batches`: the same per-epoch permutation and strided rank shares as
   MultiCropLoader (each image at most once per epoch across ranks with drop_last; at least once without). The reader
   gets this rank's file list in that order, so no DALI shuffle buffer is involved.
 - Augmentation: the graph draws nothing. Every random number of a sample is drawn on the host from a generator
-  seeded with `sample_seed(seed, epoch, index)` (the torchvision loader's rule; `dali_pipeline.draw_augmentations`)
+  seeded with `sample_seed(seed, epoch, index)` (the torchvision loader's rule; `dali_draws.draw_augmentations`)
   and fed to the graph with the encoded file. A sample's crops are a function of (seed, epoch, index) alone, not of
   its batch, rank, batch size or starting step, so a mid-epoch resume (start_step > 0) replays the remaining steps
   exactly: the same images with the same augmentation. (The torchvision loader consumes its generator differently:
@@ -25,13 +26,12 @@ Order, sharding, determinism, resume
 
 Semantics against the torchvision reference (`augment.DataAugmentationDINO`, PIL images), checked in
 tests/test_dali_fidelity.py and tests/test_dali.py
-- Crop windows: RandomResizedCrop.get_params's rule applied to the drawn numbers (10 attempts, then the central
+- Crop windows: RandomResizedCrop.get_params's rule applied to the drawn numbers (its attempts, then the central
   fallback; w and h are rounded half up where torchvision rounds half to even, a difference of probability zero).
-- After the resize every step is PIL's own arithmetic, bit for bit: ColorJitter p 0.8 (brightness, contrast and
+- After the resize every step is PIL's own arithmetic, bit for bit: ColorJitter (brightness, contrast and
   saturation as ImageEnhance's float32 blends truncated to uint8, hue as torchvision's adjust_hue through PIL's uint8
-  HSV with the hue wrapping around, in torchvision's random order of the four), grayscale p 0.2 (PIL's integer
-  luma), PIL's GaussianBlur (three extended box passes per axis with its fixed-point rounding, sigma ~ U(0.1, 2)),
-  solarization, flip. Verified on all 2**24 colours (grayscale, hue, solarization), per drawn sigma (blur), and end
+  HSV with the hue wrapping around, in torchvision's random order of the four), grayscale (PIL's integer luma),
+  PIL's GaussianBlur (three extended box passes per axis with its fixed-point rounding), solarization, flip. Verified on all 2**24 colours (grayscale, hue, solarization), per drawn sigma (blur), and end
   to end: crops of photos cut at their native size (no resampling) equal torchvision's functional ops applied with
   the same draws, on every pixel of every crop.
 - What remains different is the resize: DALI's antialiased bicubic is not PIL's. Against PIL's resized crop of the
@@ -65,6 +65,7 @@ from typing import Iterator, Sequence
 import torch
 
 from fastdino.data.datasets import DatasetError, find_images
+from fastdino.data.recipe import MultiCropRecipe, recipe_of
 from fastdino.data.torch_loader import epoch_batches, mix_seeds, sample_seed
 
 logger = logging.getLogger("fastdino.data")
@@ -74,7 +75,8 @@ try:
     from nvidia.dali.backend import TensorListGPU
     from nvidia.dali.plugin.pytorch import feed_ndarray
 
-    from fastdino.data.dali_pipeline import MultiCropRecipe, draw_augmentations, graph_inputs, multicrop_pipeline
+    from fastdino.data.dali_draws import draw_augmentations, graph_inputs
+    from fastdino.data.dali_pipeline import multicrop_pipeline
     _TORCH_OF_DALI = {dali_types.FLOAT: torch.float32, dali_types.FLOAT16: torch.float16,
                       dali_types.INT32: torch.int32, dali_types.INT64: torch.int64, dali_types.UINT8: torch.uint8}
     DALI_IMPORT_ERROR: str | None = None
@@ -242,12 +244,16 @@ class DaliMultiCropLoader:
     ImageFolderDataset, or WebDatasetShards. device: "auto" (CUDA when present), "cpu" or "cuda"; on CUDA the
     images are decoded by nvJPEG ("mixed") and crops are CUDA tensors with no host round trip. dtype: of the crops.
     num_threads: DALI CPU threads. scan_cache: file in which the bad-file scan of a folder dataset is kept.
+    recipe: the multi-crop recipe, or else the paper's with the five crop settings given here.
     """
 
     def __init__(self, source, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1,
-                 drop_last: bool = True, *, global_crops_scale: tuple[float, float] = (0.4, 1.0),
-                 local_crops_scale: tuple[float, float] = (0.05, 0.4), local_crops_number: int = 8,
-                 global_crop_size: int = 224, local_crop_size: int = 96, recipe: "MultiCropRecipe | None" = None,
+                 drop_last: bool = True, *,
+                 global_crops_scale: tuple[float, float] = MultiCropRecipe.global_crops_scale,
+                 local_crops_scale: tuple[float, float] = MultiCropRecipe.local_crops_scale,
+                 local_crops_number: int = MultiCropRecipe.local_crops_number,
+                 global_crop_size: int = MultiCropRecipe.global_crop_size,
+                 local_crop_size: int = MultiCropRecipe.local_crop_size, recipe: MultiCropRecipe | None = None,
                  device: str | torch.device = "auto", dtype: torch.dtype = torch.float32, num_threads: int = 4,
                  prefetch: int = 2, scan_cache: str | Path | None = None):
         if DALI_IMPORT_ERROR is not None:
@@ -260,10 +266,8 @@ class DaliMultiCropLoader:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         if device not in ("cpu", "cuda"):
             raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
-        self.recipe = recipe or MultiCropRecipe(
-            global_crops_scale=tuple(global_crops_scale), local_crops_scale=tuple(local_crops_scale),
-            local_crops_number=int(local_crops_number), global_crop_size=int(global_crop_size),
-            local_crop_size=int(local_crop_size))
+        self.recipe = recipe_of(recipe, global_crops_scale, local_crops_scale, local_crops_number, global_crop_size,
+                                local_crop_size)
         self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
         self.drop_last, self.device, self.dtype = drop_last, device, dtype
         self._crop_dtype = _dali_dtype(dtype)

@@ -1,228 +1,33 @@
-"""The DALI graph of the DINO multi-crop augmentation (one image in, 2 global + N local crops out), computing what the
+"""The DALI graph of the DINO multi-crop augmentation (one image in, the recipe's crops out), computing what the
 torchvision reference (`augment.DataAugmentationDINO`, PIL images) computes, in PIL's own arithmetic.
 
-Randomness: the graph draws nothing. Every random number of a sample is drawn on the host by `draw_augmentations`
-from a generator seeded with that sample's seed (the loader passes `torch_loader.sample_seed(seed, epoch, index)`,
-the torchvision loader's rule) and enters the graph through `fn.external_source`. So a sample's crops depend on its
-seed only, not on its batch position, and a mid-epoch resume replays them exactly.
+What each crop slot gets comes from a `recipe.MultiCropRecipe`. Randomness: the graph draws nothing. Every random
+number of a sample is drawn on the host (`dali_draws.draw_augmentations`) from a generator seeded with that sample's
+seed (the loader passes `torch_loader.sample_seed(seed, epoch, index)`, the torchvision loader's rule) and enters the
+graph through `fn.external_source` (`dali_draws.graph_inputs`).
 
-Per crop slot: crop window (RandomResizedCrop.get_params: 10 attempts drawn on the host, tested against the image
-shape in the graph, central fallback) -> bicubic antialiased resize (uint8). The crops of one size (the globals; the
-locals) are then stacked as frames of one FHWC sequence and every step runs on all of them with per-frame parameters,
-a step that does not apply to a frame being given identity parameters (so the graph has no conditionals):
-ColorJitter p 0.8 as ImageEnhance and torchvision's PIL adjust_hue do it, in torchvision's random order -> grayscale
-p 0.2 (PIL's integer luma) -> PIL's GaussianBlur (three extended box passes per axis with its fixed-point rounding,
-sigma ~ U(0.1, 2)) -> solarize -> per slot: flip + ImageNet normalization + HWC->CHW + cast in crop_mirror_normalize.
+Per crop slot: crop window (RandomResizedCrop.get_params: CROP_ATTEMPTS attempts drawn on the host, tested against
+the image shape in the graph, central fallback) -> bicubic antialiased resize (uint8). The crops of one size (the
+globals; the locals) are then stacked as frames of one FHWC sequence and every step runs on all of them with
+per-frame parameters, a step that does not apply to a frame being given identity parameters (so the graph has no
+conditionals): ColorJitter as ImageEnhance and torchvision's PIL adjust_hue do it, in torchvision's random order ->
+grayscale (PIL's integer luma) -> PIL's GaussianBlur (three extended box passes per axis with its fixed-point
+rounding) -> solarize -> per slot: flip + normalization + HWC->CHW + cast in crop_mirror_normalize.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import numpy as np
-import torch
 from nvidia.dali import fn, math as dmath, pipeline_def, types
 from nvidia.dali.data_node import DataNode
 from PIL import Image
 
-from fastdino.data.augment import IMAGENET_MEAN, IMAGENET_STD
+from fastdino.data.dali_draws import BLENDS_AROUND_HUE, BOX_PASSES, blur_reach, graph_input_names
+from fastdino.data.recipe import CROP_ATTEMPTS, MultiCropRecipe
 
 # PIL's convert("L") (Convert.c, L24): L = (R * 19595 + G * 38470 + B * 7471 + 0x8000) >> 16.
 PIL_LUMA_WEIGHTS = (19595, 38470, 7471)
-# Pixels >= threshold are inverted (PIL ImageOps.solarize / torchvision RandomSolarize(threshold=128)).
-SOLARIZE_THRESHOLD = 128
-CROP_ATTEMPTS = 10  # RandomResizedCrop.get_params tries this many windows before its central fallback
-BOX_PASSES = 3  # PIL's GaussianBlur: three extended box passes per axis
-_FIXED_ONE = 1 << 24  # PIL's box blur weights are fixed-point with 24 fractional bits
-# ColorJitter's operations, numbered as in torchvision's ColorJitter.forward.
-BRIGHTNESS, CONTRAST, SATURATION, HUE = range(4)
-# The blends applied before and after the hue step (torchvision's random order puts hue anywhere among the four).
-_BLENDS_AROUND_HUE = 3
-
-
-@dataclass(frozen=True)
-class MultiCropRecipe:
-    """Every number of the DINO v1 multi-crop recipe; the defaults are the paper's.
-
-    Blur and solarize probabilities are per slot kind: (first global, second global, locals). DINO v1 blurs with
-    1.0 / 0.1 / 0.5 (dinov2/dinov3 swap the global values by mistake; fastdino follows v1).
-    """
-    global_crops_scale: tuple[float, float] = (0.4, 1.0)
-    local_crops_scale: tuple[float, float] = (0.05, 0.4)
-    local_crops_number: int = 8
-    global_crop_size: int = 224
-    local_crop_size: int = 96
-    aspect_ratio: tuple[float, float] = (3 / 4, 4 / 3)
-    flip_p: float = 0.5
-    jitter_p: float = 0.8
-    brightness: float = 0.4
-    contrast: float = 0.4
-    saturation: float = 0.2
-    hue: float = 0.1
-    grayscale_p: float = 0.2
-    blur_p: tuple[float, float, float] = (1.0, 0.1, 0.5)
-    blur_sigma: tuple[float, float] = (0.1, 2.0)
-    solarize_p: tuple[float, float, float] = (0.0, 0.2, 0.0)
-    mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[float, float, float] = IMAGENET_STD
-
-    @property
-    def num_crops(self) -> int:
-        return 2 + self.local_crops_number
-
-    def slot(self, index: int) -> tuple[int, tuple[float, float], float, float]:
-        """(size, area scale, blur p, solarize p) of crop slot `index` (0, 1 global; 2.. local)."""
-        kind = min(index, 2)
-        if index < 2:
-            return self.global_crop_size, self.global_crops_scale, self.blur_p[kind], self.solarize_p[kind]
-        return self.local_crop_size, self.local_crops_scale, self.blur_p[kind], self.solarize_p[kind]
-
-    def groups(self) -> list[tuple[str, range]]:
-        """The crop slots processed together as one sequence: the globals, then the locals (when there are any)."""
-        groups = [("global", range(0, 2))]
-        if self.local_crops_number:
-            groups.append(("local", range(2, self.num_crops)))
-        return groups
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Host side: the random draws of each sample, and the per-frame parameters the graph reads.
-
-# Uniforms drawn per crop slot, in this order (the layout of one sample's draw).
-_UNIFORMS = {"area": CROP_ATTEMPTS, "log_ratio": CROP_ATTEMPTS, "offset": 2, "flip": 1, "jitter": 1, "order": 4,
-             "factor": 4, "gray": 1, "blur": 1, "sigma": 1, "solarize": 1}
-_COLUMNS = dict(zip(_UNIFORMS, np.split(np.arange(sum(_UNIFORMS.values())), np.cumsum(list(_UNIFORMS.values()))[:-1])))
-
-
-def pil_box_blur(sigma: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(r, ww, fw) of PIL's GaussianBlur(radius=sigma), computed in PIL's float32 and integer arithmetic.
-
-    Each of PIL's passes (BoxBlur.c) sets out[x] = (ww * sum(in[x-r .. x+r]) + fw * (in[x-r-1] + in[x+r+1]) + 2**23)
-    >> 24 with edges clamped; `_gaussian_blur_radius` turns sigma into the extended box radius r + fraction.
-    """
-    radius = np.asarray(sigma, dtype=np.float32)
-    variance = radius * radius / np.float32(BOX_PASSES)
-    length = np.sqrt(12.0 * variance.astype(np.float64) + 1.0).astype(np.float32)
-    whole = np.floor((length.astype(np.float64) - 1.0) / 2.0).astype(np.float32)
-    fraction = (2 * whole + 1) * (whole * (whole + 1) - 3 * variance)
-    fraction /= 6 * (variance - (whole + 1) * (whole + 1))
-    box_radius = whole + fraction
-    r = box_radius.astype(np.int64)
-    ww = (np.float32(_FIXED_ONE) / (box_radius * 2 + 1)).astype(np.int64)
-    fw = (_FIXED_ONE - (2 * r + 1) * ww) // 2
-    return r, ww, fw
-
-
-def blur_reach(recipe: MultiCropRecipe) -> int:
-    """How far from a pixel a blur pass of the recipe reads: the box radius of its largest sigma, plus 1."""
-    return int(pil_box_blur(np.array(max(recipe.blur_sigma)))[0]) + 1
-
-
-def draw_augmentations(recipe: MultiCropRecipe, seeds: Sequence[int]) -> dict[str, np.ndarray]:
-    """Every random parameter of the augmentation of the samples with these seeds, arrays [B, num_crops, ...].
-
-    Each sample's uniforms come from a torch.Generator seeded with its seed, so they depend on nothing else. The
-    distributions are torchvision's: RandomResizedCrop (area fraction, log aspect ratio of CROP_ATTEMPTS windows;
-    offsets as U[0, 1) fractions of the free range), ColorJitter (`order`: the operation ids in the order applied,
-    uniform over permutations as torch.randperm(4); `factor`: brightness, contrast, saturation U(max(0, 1 - s), 1 + s)
-    and torchvision's hue_factor U(-h, h)), and the coins (flip, jitter, gray, solarize) and blur sigma (0: no blur).
-    """
-    generator = torch.Generator()
-    per_sample = recipe.num_crops * sum(_UNIFORMS.values())
-    uniforms = np.stack([torch.rand(per_sample, generator=generator.manual_seed(int(seed)), dtype=torch.float64)
-                         .numpy() for seed in seeds]).reshape(len(seeds), recipe.num_crops, -1)
-
-    def column(name: str) -> np.ndarray:
-        values = uniforms[..., _COLUMNS[name]]
-        return values[..., 0] if values.shape[-1] == 1 else values
-
-    def between(low: np.ndarray | float, high: np.ndarray | float, u: np.ndarray) -> np.ndarray:
-        return low + (high - low) * u
-
-    slots = [recipe.slot(index) for index in range(recipe.num_crops)]
-    scale_low, scale_high = (np.array([scale[k] for _, scale, _, _ in slots])[:, None] for k in (0, 1))
-    log_ratio = np.log(np.array(recipe.aspect_ratio))
-    factors = [between(max(0.0, 1.0 - strength), 1.0 + strength, column("factor")[..., k])
-               for k, strength in enumerate((recipe.brightness, recipe.contrast, recipe.saturation))]
-    factors.append(between(-recipe.hue, recipe.hue, column("factor")[..., HUE]))
-    blurred = column("blur") < np.array([blur_p for _, _, blur_p, _ in slots])
-    return {
-        "area": between(scale_low, scale_high, column("area")),
-        "log_ratio": between(log_ratio[0], log_ratio[1], column("log_ratio")),
-        "offset": column("offset"),
-        "flip": column("flip") < recipe.flip_p,
-        "jitter": column("jitter") < recipe.jitter_p,
-        "order": np.argsort(column("order"), axis=-1),  # a uniform random permutation, as torch.randperm(4)
-        "factor": np.stack(factors, axis=-1),  # brightness, contrast, saturation, hue (torchvision's hue_factor)
-        "gray": column("gray") < recipe.grayscale_p,
-        "blur_sigma": np.where(blurred, between(recipe.blur_sigma[0], recipe.blur_sigma[1], column("sigma")), 0.0),
-        "solarize": column("solarize") < np.array([solarize_p for _, _, _, solarize_p in slots]),
-    }
-
-
-def graph_input_names(recipe: MultiCropRecipe, return_params: bool) -> list[str]:
-    """Names of the external-source outputs of `multicrop_pipeline`, in order (see `graph_inputs`)."""
-    names = ["area", "log_ratio", "offset", "flip"] + (["blur_sigma"] if return_params else [])
-    for group, _ in recipe.groups():
-        names += [f"{group}.{field}{k}" for k in range(2 * _BLENDS_AROUND_HUE)
-                  for field in ("blend_contrast", "blend_saturation", "blend_factor")]
-        names += [f"{group}.{field}" for field in ("hue", "hue_shift", "gray", "solarize")]
-        names += [f"{group}.blur_weight{k}" for k in range(blur_reach(recipe) + 1)]
-    return names
-
-
-def graph_inputs(recipe: MultiCropRecipe, draws: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """The draws as the graph reads them: {name of `graph_input_names`: batch array}.
-
-    ColorJitter becomes 3 blends, the hue step, 3 blends: the operations before hue in the drawn order fill the first
-    blends, those after it the last ones, the rest are identity blends (factor 1). A blur pass is PIL's kernel: weight
-    ww / 2**24 on the pixel and on the pixels at distance 1 .. r, fw / 2**24 at distance r + 1 (identity: weight 1
-    on the pixel). Per-frame parameters have shape [B, frames, 1, 1, 1] so that they broadcast over [frames, H, W, C].
-    """
-    batch = len(draws["flip"])
-    jitter = draws["jitter"]
-    order = draws["order"]
-    hue_position = np.argmax(order == HUE, axis=-1)
-    blend_ops = order[order != HUE].reshape(batch, recipe.num_crops, _BLENDS_AROUND_HUE)
-    factor = np.take_along_axis(draws["factor"], blend_ops, axis=-1)
-    # torchvision's adjust_hue adds np.int32(hue_factor * 255) to PIL's uint8 hue, wrapping around
-    hue_shift = np.trunc(draws["factor"][..., HUE] * 255.0).astype(np.int64) % 256
-    before_hue = np.arange(_BLENDS_AROUND_HUE) < hue_position[..., None]
-    blends = []  # (operation or -1 for identity, factor) of the 6 blend steps
-    for applies in (before_hue, ~before_hue):
-        on = applies & jitter[..., None]
-        blends += [(np.where(on[..., k], blend_ops[..., k], -1), np.where(on[..., k], factor[..., k], 1.0))
-                   for k in range(_BLENDS_AROUND_HUE)]
-    r, ww, fw = pil_box_blur(draws["blur_sigma"])
-    blurred = draws["blur_sigma"] > 0
-    r, ww, fw = np.where(blurred, r, 0), np.where(blurred, ww, _FIXED_ONE), np.where(blurred, fw, 0)  # identity
-    reach = blur_reach(recipe)
-    if r.max(initial=0) >= reach:
-        raise ValueError(f"blur sigma beyond the recipe's range {recipe.blur_sigma}")
-    distance = np.arange(reach + 1)
-    weight = np.where(distance <= r[..., None], ww[..., None], np.where(distance == r[..., None] + 1, fw[..., None], 0))
-
-    def per_frame(values: np.ndarray, slots: range, dtype) -> np.ndarray:
-        return values[:, slots.start:slots.stop].reshape(batch, len(slots), 1, 1, 1).astype(dtype)
-
-    arrays = {"area": draws["area"], "log_ratio": draws["log_ratio"], "offset": draws["offset"],
-              "flip": draws["flip"].astype(np.int32), "blur_sigma": draws["blur_sigma"].astype(np.float32)}
-    for group, slots in recipe.groups():
-        for k, (operation, blend_factor) in enumerate(blends):
-            arrays[f"{group}.blend_contrast{k}"] = per_frame(operation == CONTRAST, slots, np.int32)
-            arrays[f"{group}.blend_saturation{k}"] = per_frame(operation == SATURATION, slots, np.int32)
-            arrays[f"{group}.blend_factor{k}"] = per_frame(blend_factor, slots, np.float32)  # PIL's C float
-        for k in range(reach + 1):
-            arrays[f"{group}.blur_weight{k}"] = per_frame(weight[..., k] / _FIXED_ONE, slots, np.float64)  # exact
-        arrays.update({f"{group}.hue": per_frame(jitter & (recipe.hue > 0), slots, np.int32),
-                       f"{group}.hue_shift": per_frame(hue_shift, slots, np.int32),
-                       f"{group}.gray": per_frame(draws["gray"], slots, np.int32),
-                       f"{group}.solarize": per_frame(draws["solarize"], slots, np.int32)})
-    return {name: np.ascontiguousarray(array) for name, array in arrays.items()}  # DALI takes dense arrays only
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# The graph.
 
 def _pil_hue_rounded_down() -> tuple[int, ...]:
     """Per exact hue quotient k = 255 H / (6 chroma) (0..255): 1 where PIL's float arithmetic returns k - 1, else 0.
@@ -370,9 +175,9 @@ def _pil_gaussian_blur(frames: DataNode, weights: list[DataNode], count: int, si
     return frames
 
 
-def _solarize(frames: DataNode) -> DataNode:
-    """Invert pixels >= SOLARIZE_THRESHOLD: an exact 256-entry lookup table on uint8."""
-    return _lookup(frames, [v if v < SOLARIZE_THRESHOLD else 255 - v for v in range(256)], types.UINT8)
+def _solarize(frames: DataNode, threshold: int = MultiCropRecipe.solarize_threshold) -> DataNode:
+    """Invert pixels >= threshold (PIL's ImageOps.solarize): an exact 256-entry lookup table on uint8."""
+    return _lookup(frames, [v if v < threshold else 255 - v for v in range(256)], types.UINT8)
 
 
 def _augment_frames(frames: DataNode, params: dict[str, DataNode], recipe: MultiCropRecipe, count: int, size: int,
@@ -382,15 +187,15 @@ def _augment_frames(frames: DataNode, params: dict[str, DataNode], recipe: Multi
     def on(name: str) -> DataNode:
         return _on(device, params[name])
 
-    for k in range(2 * _BLENDS_AROUND_HUE):
-        if k == _BLENDS_AROUND_HUE:
+    for k in range(2 * BLENDS_AROUND_HUE):
+        if k == BLENDS_AROUND_HUE:
             frames = _select(on("hue"), _pil_hue(frames, params["hue_shift"], device), frames)
         frames = _pil_blend(frames, params[f"blend_contrast{k}"], params[f"blend_saturation{k}"],
                             params[f"blend_factor{k}"], size, device)
     frames = _select(on("gray"), _pil_luma(frames), frames)
     weights = [params[f"blur_weight{k}"] for k in range(blur_reach(recipe) + 1)]
     frames = _pil_gaussian_blur(frames, weights, count, size, device)
-    return _select(on("solarize"), _solarize(frames), frames)
+    return _select(on("solarize"), _solarize(frames, recipe.solarize_threshold), frames)
 
 
 @pipeline_def
@@ -423,7 +228,7 @@ def multicrop_pipeline(reader: dict, recipe: MultiCropRecipe, decode_device: str
                                      inputs["offset"], recipe.aspect_ratio)
     crops = []
     for group, slots in recipe.groups():
-        size = recipe.slot(slots.start)[0]
+        size = recipe.slots()[slots.start].size
         resized = []
         for slot in slots:
             start = fn.cast(anchors[slot], dtype=types.FLOAT)

@@ -13,17 +13,17 @@ Pipeline, per batch
   (`num_cpu_decoded`) and named once in a warning. Files that no decoder reads are replaced by another image of the
   same batch (`num_failed`, warned); files failing the header/end-marker pre-scan of `dali.scan_image_files` are
   left out before the first epoch (`num_rejected`).
-- Augmentation (`augment_batch`): per image a bicubic antialiased resized crop, then batched over the slot with
-  per-image parameters: flip, colour jitter in the image's random order, grayscale, Gaussian blur, solarization,
-  ImageNet normalization, cast to `dtype`.
+- Augmentation (`gpu_decode_augment.augment_batch`), per crop slot of the recipe (`recipe.MultiCropRecipe`): per
+  image a bicubic antialiased resized crop, then batched over the slot with per-image parameters: flip, colour
+  jitter in the image's random order, grayscale, Gaussian blur, solarization, normalization, cast to `dtype`.
 - Decode and augmentation run in a producer thread on its own CUDA stream, so they overlap the training step; the
   consumer's stream waits on an event per batch. The producer synchronizes its stream before every batched decode:
   nvJPEG's hardware decoder (seen on H100) writes its output before earlier work queued on the stream has run, which
   can overwrite memory that work still reads (pytorch/vision#9606, meta-pytorch/torchcodec#1634).
 
-Randomness: every image draws its parameters from its own torch.Generator seeded with
+Randomness (`gpu_decode_draws`): every image draws its parameters from its own torch.Generator seeded with
 `sample_seed(seed, epoch, index)`, in the same order and with the same calls as the torchvision transforms of
-`augment.DataAugmentationDINO` under `MultiCropLoader`. Same seed, same image: same crop windows, flips, jitter
+`augment.DataAugmentationDINO` under `MultiCropLoader`. Same seed, recipe and image: same crop windows, flips, jitter
 factors and order, grayscale, blur sigmas and solarization as the CPU loader, on any rank count or thread count,
 and exactly again after a mid-epoch resume. Pixel differences against the CPU loader come from the operations:
 float instead of uint8 intermediates, torchvision's tensor hue instead of PIL's, an exact Gaussian (window
@@ -35,7 +35,6 @@ device="cpu" runs the same pipeline with CPU decoding (tests, machines without a
 from __future__ import annotations
 
 import logging
-import math
 import queue
 import threading
 import warnings
@@ -44,16 +43,16 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterator
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torchvision.io import ImageReadMode, decode_jpeg
-from torchvision.transforms.v2 import functional as TF
 
-from fastdino.data.augment import IMAGENET_MEAN, IMAGENET_STD, check_multicrop_settings
 from fastdino.data.datasets import load_rgb
+from fastdino.data.gpu_decode_augment import augment_batch
+from fastdino.data.gpu_decode_draws import draw_image_params
+from fastdino.data.recipe import MultiCropRecipe, recipe_of
 from fastdino.data.torch_loader import epoch_batches, sample_seed
 
 logger = logging.getLogger("fastdino.data")
@@ -62,219 +61,6 @@ logger = logging.getLogger("fastdino.data")
 warnings.filterwarnings("ignore", message=r".*TorchCodec.*", category=DeprecationWarning, module=r"torchvision\.io")
 
 _JPEG_SIGNATURE = b"\xff\xd8\xff"
-_ASPECT_RATIO = (3.0 / 4.0, 4.0 / 3.0)
-_JITTER = dict(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)
-_JITTER_P, _GRAYSCALE_P, _FLIP_P = 0.8, 0.2, 0.5
-_BLUR_SIGMA = (0.1, 2.0)
-_SOLARIZE_THRESHOLD = 128 / 255
-_BRIGHTNESS, _CONTRAST, _SATURATION, _HUE = range(4)  # ColorJitter's operation ids
-
-
-@dataclass(frozen=True)
-class SlotRecipe:
-    """One crop slot of the multi-crop recipe: output size, area range, blur and solarization probabilities."""
-
-    size: int
-    scale: tuple[float, float]
-    blur_p: float
-    solarize_p: float = 0.0
-
-
-def multicrop_slots(global_crops_scale: tuple[float, float] = (0.4, 1.0),
-                    local_crops_scale: tuple[float, float] = (0.05, 0.4), local_crops_number: int = 8,
-                    global_crop_size: int = 224, local_crop_size: int = 96) -> list[SlotRecipe]:
-    """The DINO slots: global (blur p 1), global (blur p 0.1, solarize p 0.2), then the locals (blur p 0.5)."""
-    global_crops_scale, local_crops_scale = check_multicrop_settings(
-        global_crops_scale, local_crops_scale, local_crops_number, global_crop_size, local_crop_size
-    )
-    return [SlotRecipe(int(global_crop_size), global_crops_scale, blur_p=1.0),
-            SlotRecipe(int(global_crop_size), global_crops_scale, blur_p=0.1, solarize_p=0.2),
-            *[SlotRecipe(int(local_crop_size), local_crops_scale, blur_p=0.5)] * int(local_crops_number)]
-
-
-@dataclass(frozen=True)
-class CropParams:
-    """The random choices of one crop of one image.
-
-    window: (top, left, height, width) in source pixels. jitter_order: ColorJitter's operation ids (0 brightness,
-    1 contrast, 2 saturation, 3 hue) in application order, or None when the jitter is not applied.
-    blur_sigma: 0 when not blurred.
-    """
-
-    window: tuple[int, int, int, int]
-    flip: bool
-    jitter_order: tuple[int, ...] | None
-    brightness: float
-    contrast: float
-    saturation: float
-    hue: float
-    grayscale: bool
-    blur_sigma: float
-    solarize: bool
-
-
-def _uniform(generator: torch.Generator, low: float, high: float) -> float:
-    return torch.empty(1).uniform_(low, high, generator=generator).item()
-
-
-def _coin(generator: torch.Generator, p: float) -> bool:
-    return bool(torch.rand(1, generator=generator) < p)
-
-
-def draw_crop_window(height: int, width: int, scale: tuple[float, float],
-                     generator: torch.Generator) -> tuple[int, int, int, int]:
-    """(top, left, h, w): RandomResizedCrop.get_params (ratio 3/4..4/3) with the same draws, from `generator`."""
-    area = height * width
-    log_ratio = torch.log(torch.tensor(_ASPECT_RATIO))
-    for _ in range(10):
-        target_area = area * _uniform(generator, scale[0], scale[1])
-        aspect = torch.exp(torch.empty(1).uniform_(float(log_ratio[0]), float(log_ratio[1]),
-                                                   generator=generator)).item()
-        w = int(round(math.sqrt(target_area * aspect)))
-        h = int(round(math.sqrt(target_area / aspect)))
-        if 0 < w <= width and 0 < h <= height:
-            top = int(torch.randint(0, height - h + 1, size=(1,), generator=generator).item())
-            left = int(torch.randint(0, width - w + 1, size=(1,), generator=generator).item())
-            return top, left, h, w
-    in_ratio = width / height  # fallback: the central crop of the nearest allowed aspect ratio
-    if in_ratio < min(_ASPECT_RATIO):
-        w, h = width, int(round(width / min(_ASPECT_RATIO)))
-    elif in_ratio > max(_ASPECT_RATIO):
-        h, w = height, int(round(height * max(_ASPECT_RATIO)))
-    else:
-        w, h = width, height
-    return (height - h) // 2, (width - w) // 2, h, w
-
-
-def draw_jitter(generator: torch.Generator) -> tuple[tuple[int, ...], float, float, float, float]:
-    """(order, brightness, contrast, saturation, hue): ColorJitter(0.4, 0.4, 0.2, 0.1).get_params' draws."""
-    order = tuple(torch.randperm(4, generator=generator).tolist())
-    factors = [_uniform(generator, 1 - _JITTER[name], 1 + _JITTER[name])
-               for name in ("brightness", "contrast", "saturation")]
-    return (order, *factors, _uniform(generator, -_JITTER["hue"], _JITTER["hue"]))
-
-
-def draw_crop_params(height: int, width: int, slot: SlotRecipe, generator: torch.Generator) -> CropParams:
-    """One crop's choices, drawn in the order DataAugmentationDINO's transforms draw them."""
-    window = draw_crop_window(height, width, slot.scale, generator)
-    flip = _coin(generator, _FLIP_P)
-    jitter = draw_jitter(generator) if not _JITTER_P < torch.rand(1, generator=generator) else None
-    grayscale = _coin(generator, _GRAYSCALE_P)
-    blur_sigma = _uniform(generator, *_BLUR_SIGMA) if _coin(generator, slot.blur_p) else 0.0
-    solarize = _coin(generator, slot.solarize_p) if slot.solarize_p > 0 else False
-    order, brightness, contrast, saturation, hue = jitter if jitter is not None else (None, 1.0, 1.0, 1.0, 0.0)
-    return CropParams(window, flip, order, brightness, contrast, saturation, hue, grayscale, blur_sigma, solarize)
-
-
-def draw_image_params(height: int, width: int, slots: Sequence[SlotRecipe], seed: int) -> list[CropParams]:
-    """The choices of every slot for one image [height x width], from a generator seeded with `seed`."""
-    generator = torch.Generator().manual_seed(seed)
-    return [draw_crop_params(height, width, slot, generator) for slot in slots]
-
-
-def _resized_crop(image: torch.Tensor, window: tuple[int, int, int, int], size: int) -> torch.Tensor:
-    """uint8 [3, H, W] (0-255) or float (0-1) -> float [1, 3, size, size], bicubic and antialiased (not clamped)."""
-    top, left, height, width = window
-    region = image[:, top:top + height, left:left + width].unsqueeze(0)
-    if not region.is_floating_point():
-        region = region.float().div_(255)
-    return F.interpolate(region, size=(size, size), mode="bicubic", align_corners=False, antialias=True)
-
-
-def _per_image(values: torch.Tensor) -> torch.Tensor:
-    return values.view(-1, 1, 1, 1)
-
-
-def _luma(images: torch.Tensor) -> torch.Tensor:
-    return TF.rgb_to_grayscale(images, num_output_channels=1)
-
-
-def _blend(images: torch.Tensor, other: torch.Tensor, ratio: torch.Tensor) -> torch.Tensor:
-    ratio = _per_image(ratio)
-    return (images * ratio + other * (1 - ratio)).clamp_(0, 1)
-
-
-def adjust_hue(images: torch.Tensor, hue: torch.Tensor) -> torch.Tensor:
-    """Shift the HSV hue of float RGB images [B, 3, H, W] in [0, 1] by hue[b] (a fraction of the colour circle)."""
-    value, _ = images.max(dim=1)
-    chroma = value - images.min(dim=1).values
-    saturation = torch.where(value > 0, chroma / value.clamp_min(1e-12), torch.zeros_like(value))
-    red, green, blue = images.unbind(dim=1)
-    safe_chroma = torch.where(chroma > 0, chroma, torch.ones_like(chroma))
-    hue6 = torch.where(value == red, (green - blue) / safe_chroma,
-                       torch.where(value == green, (blue - red) / safe_chroma + 2, (red - green) / safe_chroma + 4))
-    hue6 = torch.where(chroma > 0, hue6, torch.zeros_like(hue6))
-    hue6 = torch.remainder(hue6 + 6 * hue.view(-1, 1, 1), 6.0)
-    # HSV -> RGB: channel n takes v - v s clamp(min(k, 4 - k), 0, 1) with k = (n + 6h) mod 6, n = 5, 3, 1 for R, G, B
-    offsets = torch.tensor([5.0, 3.0, 1.0], device=images.device).view(1, 3, 1, 1)
-    k = torch.remainder(offsets + hue6.unsqueeze(1), 6.0)
-    ramp = torch.minimum(k, 4 - k).clamp_(0, 1)
-    return (value.unsqueeze(1) * (1 - saturation.unsqueeze(1) * ramp)).clamp_(0, 1)
-
-
-def _jitter_op(op: int, images: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
-    """ColorJitter's operation `op` on float images [n, 3, H, W] with per-image factors [n] (torchvision semantics)."""
-    if op == _BRIGHTNESS:
-        return (images * _per_image(factors)).clamp_(0, 1)
-    if op == _CONTRAST:
-        return _blend(images, _luma(images).mean(dim=(1, 2, 3), keepdim=True), factors)
-    if op == _SATURATION:
-        return _blend(images, _luma(images), factors)
-    return adjust_hue(images, factors)
-
-
-def _color_jitter(images: torch.Tensor, params: Sequence[CropParams]) -> torch.Tensor:
-    """Each image's four jitter operations in its own order: position by position, one batched call per operation
-    on the images that take it at that position."""
-    factors = torch.tensor([[p.brightness, p.contrast, p.saturation, p.hue] for p in params]).to(images.device)
-    for position in range(4):
-        for op in range(4):
-            chosen = [b for b, p in enumerate(params) if p.jitter_order is not None and p.jitter_order[position] == op]
-            if chosen:
-                index = torch.tensor(chosen).to(images.device)
-                images[index] = _jitter_op(op, images[index], factors[index, op])
-    return images
-
-
-def gaussian_blur(images: torch.Tensor, sigmas: Sequence[float]) -> torch.Tensor:
-    """Blur float images [n, 3, H, W] with per-image sigmas (n floats > 0): window 2*ceil(3 sigma)+1, reflect
-    padding (torchvision's gaussian_blur for each image), as one grouped separable convolution."""
-    n, channels, height, width = images.shape
-    half = min(math.ceil(3 * max(sigmas)), height - 1, width - 1)  # from host floats: no device sync
-    sigmas = torch.tensor(sigmas, dtype=images.dtype).to(images.device)
-    offsets = torch.arange(-half, half + 1, device=images.device, dtype=images.dtype)
-    reach = torch.ceil(3 * sigmas).clamp_(max=half).unsqueeze(1)  # each image's own window half-width
-    kernels = torch.exp(-0.5 * (offsets / sigmas.unsqueeze(1)) ** 2) * (offsets.abs() <= reach)
-    kernels = (kernels / kernels.sum(dim=1, keepdim=True)).repeat_interleave(channels, dim=0)  # [n * 3, K]
-    padded = F.pad(images.reshape(1, n * channels, height, width), (half, half, half, half), mode="reflect")
-    blurred = F.conv2d(padded, kernels.view(n * channels, 1, 1, -1), groups=n * channels)
-    blurred = F.conv2d(blurred, kernels.view(n * channels, 1, -1, 1), groups=n * channels)
-    return blurred.view(n, channels, height, width)
-
-
-def augment_batch(images: Sequence[torch.Tensor], params: Sequence[CropParams], size: int,
-                  dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """One crop slot for a batch: images [3, H_b, W_b], uint8 (0-255) or float (0-1), all on one device (CPU or
-    CUDA), and one CropParams each -> normalized crops [B, 3, size, size] in `dtype` on that device."""
-    if len(images) != len(params) or not images:
-        raise ValueError(f"need one CropParams per image and at least one image, got {len(images)} images and "
-                         f"{len(params)} params")
-    crops = torch.cat([_resized_crop(image, p.window, size) for image, p in zip(images, params)]).clamp_(0, 1)
-    device = crops.device
-    flags = torch.tensor([[p.flip, p.grayscale, p.solarize] for p in params]).to(device)
-    flip, grayscale, solarize = (_per_image(flags[:, i]) for i in range(3))
-    crops = torch.where(flip, crops.flip(-1), crops)
-    if any(p.jitter_order is not None for p in params):
-        crops = _color_jitter(crops, params)
-    crops = torch.where(grayscale, _luma(crops).expand_as(crops), crops)
-    blurred = [b for b, p in enumerate(params) if p.blur_sigma > 0]
-    if blurred:
-        index = torch.tensor(blurred).to(device)
-        crops[index] = gaussian_blur(crops[index], [params[b].blur_sigma for b in blurred])
-    crops = torch.where(solarize & (crops >= _SOLARIZE_THRESHOLD), 1 - crops, crops)
-    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
-    return ((crops - mean) / std).to(dtype)
 
 
 @dataclass
@@ -345,22 +131,27 @@ class GpuDecodeMultiCropLoader:
     ImageFolderDataset. device: "auto" (CUDA when present), "cpu", "cuda" or "cuda:N"; crops come out there in
     `dtype` (float32, float16 or bfloat16), labels on the CPU. num_threads: file-reading threads (they also decode
     everything on device="cpu"). prefetch: batches read and produced ahead. scan_cache: see dali.scan_image_files.
+    recipe: the multi-crop recipe, or else the paper's with the five crop settings given here.
     One epoch_iter at a time: starting a new one abandons the previous one.
     """
 
     def __init__(self, source, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1,
-                 drop_last: bool = True, *, global_crops_scale: tuple[float, float] = (0.4, 1.0),
-                 local_crops_scale: tuple[float, float] = (0.05, 0.4), local_crops_number: int = 8,
-                 global_crop_size: int = 224, local_crop_size: int = 96, device: str | torch.device = "auto",
-                 dtype: torch.dtype = torch.float32, num_threads: int = 8, prefetch: int = 2,
-                 scan_cache: str | Path | None = None):
+                 drop_last: bool = True, *,
+                 global_crops_scale: tuple[float, float] = MultiCropRecipe.global_crops_scale,
+                 local_crops_scale: tuple[float, float] = MultiCropRecipe.local_crops_scale,
+                 local_crops_number: int = MultiCropRecipe.local_crops_number,
+                 global_crop_size: int = MultiCropRecipe.global_crop_size,
+                 local_crop_size: int = MultiCropRecipe.local_crop_size, recipe: MultiCropRecipe | None = None,
+                 device: str | torch.device = "auto", dtype: torch.dtype = torch.float32, num_threads: int = 8,
+                 prefetch: int = 2, scan_cache: str | Path | None = None):
         from fastdino.data.dali import check_loader_settings, decodable_samples  # importable without DALI itself
 
         check_loader_settings(batch_size, num_threads, prefetch, seed, rank, world_size)
         if dtype not in (torch.float32, torch.float16, torch.bfloat16):
             raise ValueError(f"dtype must be torch.float32, float16 or bfloat16, got {dtype}")
-        self.slots = multicrop_slots(global_crops_scale, local_crops_scale, local_crops_number, global_crop_size,
-                                     local_crop_size)
+        self.recipe = recipe_of(recipe, global_crops_scale, local_crops_scale, local_crops_number, global_crop_size,
+                                local_crop_size)
+        self.slots = self.recipe.slots()
         self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
         self.drop_last, self.dtype = drop_last, dtype
         self.device = _resolve_device(device)
@@ -463,8 +254,8 @@ class GpuDecodeMultiCropLoader:
         images = [image.float().div_(255) for image in self._decode(loaded)]  # converted once for all slots
         params = [draw_image_params(image.shape[1], image.shape[2], self.slots, sample_seed(self.seed, epoch, index))
                   for image, index in zip(images, batch)]
-        crops = [augment_batch(images, [image_params[s] for image_params in params], slot.size, self.dtype)
-                 for s, slot in enumerate(self.slots)]
+        crops = [augment_batch(images, [image_params[s] for image_params in params], slot.size, self.dtype,
+                               recipe=self.recipe) for s, slot in enumerate(self.slots)]
         labels = torch.tensor([self.samples[i][1] for i in batch], dtype=torch.int64)
         return crops, labels
 
