@@ -85,11 +85,12 @@ def main(argv: list[str] | None = None) -> dict:
         args.steps, args.warmup, args.image_size = 3, 1, (160, 120)
 
     from fastdino.data.dali import DALI_IMPORT_ERROR, DaliMultiCropLoader
+    from fastdino.data.recipe import MultiCropRecipe
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
-    crops = dict(local_crops_number=args.local_crops, global_crop_size=args.global_size,
-                 local_crop_size=args.local_size)
+    recipe = MultiCropRecipe(local_crops_number=args.local_crops, global_crop_size=args.global_size,
+                             local_crop_size=args.local_size)
     results: dict = {}
     with tempfile.TemporaryDirectory(prefix="fastdino-bench-data-") as scratch:
         root = args.data or Path(scratch)
@@ -99,14 +100,14 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"wrote {args.num_images} JPEGs in {time.perf_counter() - started:.1f} s", file=sys.stderr)
         if DALI_IMPORT_ERROR is None:
             dali = DaliMultiCropLoader(root, args.batch_size, seed=0, device=device.type, dtype=dtype,
-                                       num_threads=args.threads, **crops)
+                                       num_threads=args.threads, recipe=recipe)
             epoch = iter(range(10**9))
             results["dali"] = time_loader(lambda: dali.epoch_iter(next(epoch)), device, args.warmup, args.steps)
             results["dali"].update(threads=args.threads, dtype=dtype_name(dtype))
         else:
             results["dali"] = dict(skipped=DALI_IMPORT_ERROR)
         if not args.skip_torchvision:
-            dataset = ImageFolderDataset(root, DataAugmentationDINO(**crops))
+            dataset = ImageFolderDataset(root, DataAugmentationDINO(recipe=recipe))
             torch_loader = MultiCropLoader(dataset, args.batch_size, num_workers=args.workers, seed=0)
             epoch = iter(range(10**9))
             results["torchvision"] = time_loader(lambda: torch_loader.epoch_iter(next(epoch)), device,

@@ -141,7 +141,7 @@ def bench_model(name: str, args, device: torch.device, ctx: DistributedContext, 
 
             def step() -> None:
                 trainer.step = 0  # the same schedule point every time (the schedules are only one epoch long)
-                trainer.train_step(crops, epoch=0)
+                trainer.train_step(crops)
 
             try:
                 reset_peak_memory(device)

@@ -112,6 +112,11 @@ def synthetic_crops(config, device: torch.device, seed: int = 0) -> list[torch.T
     return [torch.randn(batch, 3, s, s, generator=generator).to(device) for s in sizes]
 
 
+def timed_step(trainer: Trainer) -> int:
+    """The step every contestant runs at: the first of epoch 1, past the last layer's freeze (the full update)."""
+    return trainer.schedules.steps_per_epoch
+
+
 class Contestant:
     """A trainer with its switches; `step()` runs one training step on the fixed batch."""
 
@@ -121,8 +126,8 @@ class Contestant:
         self.times: list[float] = []
 
     def step(self) -> float | None:
-        output = self.trainer.train_step(self.crops, epoch=1)  # epoch 1: past the last-layer freeze
-        self.trainer.step = 1  # stay at the same schedule position
+        self.trainer.step = timed_step(self.trainer)  # the same schedule position every time
+        output = self.trainer.train_step(self.crops)
         return output.loss.item() if self.sync_every_step else None
 
 
@@ -150,8 +155,8 @@ class ReferenceRepoContestant:
         self.name, self.crops, self.utils, self.config = "reference_repo", crops, reference_utils, config
         self.fast_paths = {"reference_repo": str(repo)}
         self.times: list[float] = []
-        self.lr, self.weight_decay = float(start.schedules.lr[1]), float(start.schedules.weight_decay[1])
-        self.momentum = float(start.schedules.momentum[1])
+        scheduled = start.schedules.at(timed_step(start))
+        self.lr, self.weight_decay, self.momentum = scheduled.lr, scheduled.weight_decay, scheduled.teacher_momentum
         shape = dict(ARCHITECTURES[config.model.arch], **({"depth": config.model.depth} if config.model.depth else {}))
 
         def network(drop_path_rate: float, norm_last_layer: bool):
@@ -268,7 +273,8 @@ def bench_model(name: str, args, device: torch.device, peak_tflops: float | None
     fast.student.load_state_dict(reference.student.state_dict())
     fast.teacher.load_state_dict(reference.teacher.state_dict())
     third = ReferenceRepoContestant(args.reference_repo, reference, crops) if args.reference_repo else None
-    first_losses = (reference.train_step(crops, epoch=1).loss.item(), fast.train_step(crops, epoch=1).loss.item())
+    reference.step, fast.step = timed_step(reference), timed_step(fast)
+    first_losses = (reference.train_step(crops).loss.item(), fast.train_step(crops).loss.item())
     results["first_step_loss"] = {"reference_style": first_losses[0], "fastdino": first_losses[1]}
     pair = [Contestant("reference_style", reference, crops, True), Contestant("fastdino", fast, crops, False)]
     if third is not None:
@@ -318,8 +324,8 @@ def bench_with_loader(base: list[str], args, device: torch.device, workdir: Path
     for index, (crops, _) in enumerate(trainer.loader.epoch_iter(1)):  # the loader's time counts in each step
         if index == args.warmup + args.steps:
             break
-        trainer.train_step(crops, epoch=1)
-        trainer.step = 1
+        trainer.step = timed_step(trainer)
+        trainer.train_step(crops)
         synchronize(device)
         now = time.perf_counter()
         if index >= args.warmup:

@@ -117,6 +117,26 @@ class DistributedConfig:
 
 
 @dataclass
+class GuardConfig:
+    """The collapse guard (fastdino.guard), which reads the monitors; thresholds are fractions of ln K, K = out_dim."""
+
+    action: str = "warn"  # on a collapse: warn (one line, training goes on) | stop (checkpoint, one line, exit code 3)
+    # "near" as a fraction of ln K: uniform collapse at entropy >= (1 - band) ln K with KL <= band ln K, one-hot
+    # collapse at entropy <= band ln K
+    band: float = 0.05
+    drift: float = 0.5  # drift toward uniform: the teacher entropy back up this fraction of ln K above its lowest
+    patience: int = 10  # steps a mode, or the recovery from it, must hold before the guard says so
+
+
+@dataclass
+class ResumeFromConfig:
+    """Continue a run of the reference main_dino.py (fastdino.reference_run) where output_dir holds no run."""
+
+    path: str = ""  # a checkpoint.pth written by the reference main_dino.py, continued at its next epoch; '': none
+    trust_reference_args: bool = False  # adopt the reference's args where they change the recipe (false: refuse)
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -125,6 +145,8 @@ class Config:
     fast: FastConfig = field(default_factory=FastConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    guard: GuardConfig = field(default_factory=GuardConfig)
+    resume_from: ResumeFromConfig = field(default_factory=ResumeFromConfig)
     output_dir: str = "."  # where checkpoints, logs and pictures go; a run there is resumed
     seed: int = 0  # seed of the weights, the augmentations and the data order
     device: str = "auto"  # auto | cuda | cpu
@@ -239,6 +261,10 @@ RULES: dict[str, Rule] = {
     "eval.attention_images": zero_is_off,
     "eval.attention_image_size": positive,
     "distributed.strategy": choices("auto", "fsdp", "ddp", "none"),
+    "guard.action": choices("warn", "stop"),
+    "guard.band": between(0, 0.5, low_open=True, high_open=True),
+    "guard.drift": between(0, 1, low_open=True),
+    "guard.patience": zero_means("at the first reading that shows it"),
     "seed": non_negative,
     "device": choices("auto", "cuda", "cpu"),
     "precision": choices("auto", "bf16", "fp16", "fp32"),
@@ -246,6 +272,8 @@ RULES: dict[str, Rule] = {
     "monitor_every": zero_is_off,
     "checkpoint_every": zero_means("at epoch ends only"),
     "saveckp_freq": zero_is_off,
+    "resume_from.path": Rule("must be an existing file (a checkpoint.pth of main_dino.py), or '' (none)",
+                             lambda value: value == "" or Path(value).expanduser().is_file()),
 }
 
 _INVALID = object()  # what `_convert` returns for a value of the wrong type
@@ -450,6 +478,12 @@ def validate(config: Config) -> None:
     within_epochs = Rule(f"must be <= optim.epochs ({epochs})", lambda value: value <= epochs)
     for key in ("optim.warmup_epochs", "optim.freeze_last_layer", "dino.warmup_teacher_temp_epochs"):
         _enforce(within_epochs, key, get_value(config, key))
+    if not config.monitor_every:
+        _enforce(Rule("needs monitor_every > 0 (the guard reads the monitors)", lambda value: value == "warn"),
+                 "guard.action", config.guard.action)
+    _enforce(Rule("needs resume_from.path (the reference checkpoint whose args it adopts)",
+                  lambda value: not value or bool(config.resume_from.path)),
+             "resume_from.trust_reference_args", config.resume_from.trust_reference_args)
     if knn:
         for key in ("eval.knn_train_path", "eval.knn_val_path"):
             _enforce(Rule(f"must name a folder of class folders ({knn} evaluates on it)", bool), key,

@@ -2,12 +2,15 @@
 
     python -m fastdino.export runs/demo/checkpoint.pth --out teacher.safetensors
     python -m fastdino.export runs/vitb8/checkpoint_dcp --format timm --out vitb8.pth   # a sharded run, consolidated
+    python -m fastdino.export runs/x/checkpoint.pth --format reference-run --out ref/checkpoint.pth   # for main_dino.py
 
 The backbone keys of DINO's ViT are the same in the reference's layout and in timm's (`cls_token`, `pos_embed`,
 `patch_embed.proj.*`, `blocks.<i>.*`, `norm.*`), so both formats hold the same tensors; `--format` says which
 independently written model the file is checked against (timm's VisionTransformer for both, plus fastdino's ViT for
 the reference layout). A `.safetensors` name writes safetensors, which timm and the Hugging Face tools load without
 unpickling anything; any other name a plain tensor dict that PyTorch's restricted loader (weights_only) reads.
+`--format reference-run` writes the whole training state instead, as the reference's main_dino.py saves it, for the
+reference to resume (fastdino.reference_run).
 """
 from __future__ import annotations
 
@@ -25,8 +28,9 @@ from fastdino.distributed import full_state_dict
 from fastdino.errors import report_usage_errors
 from fastdino.hub import backbone_state_dict, describe_backbone, load_checkpoint_file, load_pretrained
 from fastdino.models.vit import ARCHITECTURES
+from fastdino.reference_run import export_reference_run
 
-FORMATS = ("reference", "timm")
+FORMATS = ("reference", "timm", "reference-run")
 EXPORT_FILE = "teacher_export.pth"
 
 
@@ -87,6 +91,8 @@ def export(source: str | Path, out: str | Path, format: str = "reference", check
     return a one-line description of what was written."""
     if format not in FORMATS:
         raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {format!r}")
+    if format == "reference-run":
+        return export_reference_run(source, out)
     source, out = Path(source), Path(out)
     weights = backbone_state_dict(load_checkpoint_file(source), checkpoint_key)
     shape = describe_backbone(weights)
@@ -120,7 +126,8 @@ def main(argv: Sequence[str] | None = None) -> str:
                                            "checkpoint (full or backbone-only)")
     parser.add_argument("--out", required=True, help="file to write: .safetensors or .pth")
     parser.add_argument("--format", choices=FORMATS, default="reference",
-                        help="key layout and the model it is checked against (default: reference)")
+                        help="key layout and the model it is checked against (default: reference); reference-run: "
+                             "the whole training state as a main_dino.py checkpoint.pth, to resume in the reference")
     parser.add_argument("--checkpoint-key", choices=("teacher", "student"), default="teacher",
                         help="network to export from training checkpoints (default: teacher, as the reference)")
     args = parser.parse_args(argv)

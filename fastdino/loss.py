@@ -1,11 +1,11 @@
-"""The DINO loss module: teacher temperature schedule, the center buffer and its update across ranks.
+"""The DINO loss module: the center buffer and its update across ranks (the teacher temperature of each step comes
+from the schedule record, `fastdino.schedules.StepSchedule`).
 
 The arithmetic lives in `fastdino.kernels` (fused Triton kernel on CUDA, plain-PyTorch reference elsewhere);
 this module owns the state around it.
 """
 from __future__ import annotations
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -24,13 +24,11 @@ class DINOLoss(nn.Module):
     def __init__(
         self,
         out_dim: int,
-        teacher_temp_schedule: np.ndarray,
         student_temp: float = 0.1,
         center_momentum: float = 0.9,
         fused: bool = False,
     ) -> None:
         super().__init__()
-        self.teacher_temp_schedule = teacher_temp_schedule
         self.student_temp = student_temp
         self.center_momentum = center_momentum
         self.fused = fused
@@ -38,7 +36,7 @@ class DINOLoss(nn.Module):
         self._pending: tuple[torch.Tensor, int, object] | None = None
 
     def forward(
-        self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, epoch: int, monitors: bool = False
+        self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, teacher_temp: float, monitors: bool = False
     ) -> kernels.DinoLossOutput:
         """student_logits [n_crops*B, K] crop-major, teacher_logits [2*B, K]; returns loss and monitors."""
         self.synchronize_center()
@@ -47,7 +45,7 @@ class DINOLoss(nn.Module):
             student_logits,
             teacher_logits,
             self.center,
-            float(self.teacher_temp_schedule[epoch]),
+            teacher_temp,
             self.student_temp,
             n_global=2,
             monitors=monitors,

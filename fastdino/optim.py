@@ -86,11 +86,9 @@ def clip_gradients_reference_(model: nn.Module, max_norm: float) -> list[float]:
     return norms
 
 
-def cancel_last_layer_gradients_(model: nn.Module, epoch: int, freeze_last_layer: int) -> None:
-    """Drop the gradients of the head's last layer during the first `freeze_last_layer` epochs (stabilizes the
-    start of training); the optimizer then skips those parameters."""
-    if epoch >= freeze_last_layer:
-        return
+def cancel_last_layer_gradients_(model: nn.Module) -> None:
+    """Drop the gradients of the head's last layer (while it is frozen: the first optim.freeze_last_layer epochs,
+    which stabilizes the start of training); the optimizer then skips those parameters."""
     for name, param in model.named_parameters():
         if "last_layer" in name:
             param.grad = None

@@ -1,5 +1,5 @@
 """What a run shows at its end: kNN accuracy of the teacher against the same network at its initial
-weights, attention pictures of the teacher, and the training curves."""
+weights (with a warning when training made it worse), attention pictures of the teacher, and the training curves."""
 from __future__ import annotations
 
 import json
@@ -10,11 +10,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from fastdino.builders import build_backbone
 from fastdino.checkpoint import temporary_path
 from fastdino.config import Config, knn_requested_by
 from fastdino.eval.attention import held_out_examples, save_attention_comparison, save_attention_maps
 from fastdino.eval.knn import knn_accuracy
-from fastdino.eval.plots import plot_training_curves
+from fastdino.eval.plots import plot_training_curves, read_jsonl
+from fastdino.guard import HINTS, NAMES, replay
 from fastdino.metrics import add_to_row
 
 log = logging.getLogger("fastdino")
@@ -45,8 +47,6 @@ def knn_top1(backbone: nn.Module, config: Config, device: torch.device) -> float
 def initial_backbone(config: Config) -> nn.Module:
     """The student backbone exactly as training started from it (same seed, same construction): the fair
     random-init baseline."""
-    from fastdino.trainer import build_backbone
-
     torch.manual_seed(config.seed)
     return build_backbone(config, config.model.drop_path_rate)
 
@@ -103,7 +103,7 @@ def final_report(config: Config, teacher_backbone: nn.Module, device: torch.devi
     results: dict[str, float] = {}
     log_path = run_dir / "log.jsonl"
     if log_path.is_file():
-        plot_training_curves(log_path, run_dir / "training_curves.png")
+        plot_training_curves(log_path, run_dir / "training_curves.png", config.model.out_dim)
     random_init = initial_backbone(config).to(device) if config.eval.final_knn or config.eval.attention_images else None
     if config.eval.attention_images:
         _save_pictures(config, teacher_backbone, random_init, run_dir)
@@ -113,4 +113,25 @@ def final_report(config: Config, teacher_backbone: nn.Module, device: torch.devi
         _keep_results(run_dir, step, results)
         print(f"kNN top-1 (trained): {results['knn_top1_trained']:.2f}%")
         print(f"kNN top-1 (random init): {results['knn_top1_random_init']:.2f}%")
+        if results["knn_top1_trained"] < results["knn_top1_random_init"]:
+            log.warning(below_random_init(config, results, read_jsonl(log_path) if log_path.is_file() else []))
     return results
+
+
+def below_random_init(config: Config, results: dict[str, float], rows: list[dict]) -> str:
+    """The warning for a teacher whose kNN fell below its own random init, with the likely cause: the collapse mode
+    the run's monitors end in (the collapse guard replayed over the log `rows`)."""
+    head = (f"training made the features worse: kNN top-1 {results['knn_top1_trained']:.2f}% against "
+            f"{results['knn_top1_random_init']:.2f}% at random init")
+    readings = [row for row in rows if "teacher_entropy" in row and "teacher_student_kl" in row]
+    if not readings:
+        return f"{head}; the log holds no collapse monitors (monitor_every=0?), so the likely cause is not known"
+    guard, last = replay(config, rows), readings[-1]
+    figures = (f"teacher entropy {last['teacher_entropy']:.3f} of ln K = {guard.ln_k:.2f} at step {last['step']}, "
+               f"teacher-student KL {last['teacher_student_kl']:.4f}")
+    if guard.candidate:
+        return (f"{head}; likely cause: the teacher output ends in {NAMES[guard.candidate]} ({figures}); "
+                f"{HINTS[guard.candidate]}")
+    return (f"{head}; the monitors end without a collapse ({figures}): at this scale the README's demo recipe "
+            "points to small crops (16 tokens per global crop), a faster teacher (dino.momentum_teacher 0.99) and "
+            "a slower center (dino.center_momentum 0.99)")

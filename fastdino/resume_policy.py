@@ -16,7 +16,7 @@ from fastdino.errors import UsageError
 
 # Dotted keys, or prefixes ending in ".", of settings that leave every trained number unchanged.
 SAME_TRAJECTORY = ("log_every", "monitor_every", "checkpoint_every", "saveckp_freq", "output_dir", "resume",
-                   "eval.", "data.num_workers", "data.path")
+                   "eval.", "data.num_workers", "data.path", "resume_from.", "guard.")
 # Settings that change how the same algorithm is computed, not what it computes.
 SAME_ALGORITHM = ("device", "precision", "fast.", "model.attention", "distributed.", "data.loader")
 # Handled by the trainer: it continues by images seen.

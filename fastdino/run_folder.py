@@ -2,15 +2,21 @@
 that is to start over is moved aside (never deleted)."""
 from __future__ import annotations
 
+import json
 import logging
+import os
 import time
 from pathlib import Path
 
+import yaml
+
 from fastdino import checkpoint, sharded_checkpoint
+from fastdino.config import Config, config_to_dict
 
 log = logging.getLogger("fastdino")
 
 REPLACED_PREFIX = "replaced-"
+RESOLVED_CONFIG = "config.yaml"
 
 
 def prepare(output_dir: Path, start_over: bool) -> None:
@@ -34,3 +40,15 @@ def move_aside(output_dir: Path) -> Path | None:
     for entry in entries:
         entry.rename(destination / entry.name)
     return destination
+
+
+
+def write_resolved_config(output_dir: Path, config: Config) -> Path:
+    """Every setting the run uses (defaults, the --config file and the overrides resolved) as `config.yaml` in the
+    run folder: what ran, and a file `--config` takes to run it again."""
+    plain = json.loads(json.dumps(config_to_dict(config)))  # tuples as lists, for YAML
+    path = output_dir / RESOLVED_CONFIG
+    temporary = checkpoint.temporary_path(path)
+    temporary.write_text(yaml.safe_dump(plain, sort_keys=False))
+    os.replace(temporary, path)
+    return path

@@ -3,6 +3,7 @@ and the per-epoch teacher temperature."""
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -33,11 +34,26 @@ def teacher_temperature_schedule(
     )
 
 
+@dataclass(frozen=True)
+class StepSchedule:
+    """Every scheduled value of one training step, looked up once: the step, the loss and the log row read it."""
+
+    epoch: int
+    lr: float
+    weight_decay: float
+    teacher_momentum: float
+    teacher_temp: float
+    last_layer_frozen: bool  # the head's last layer gets no update (the first optim.freeze_last_layer epochs)
+
+
 class Schedules:
-    """The four schedules of a run, indexed by global step (or epoch for the temperature)."""
+    """The schedules of a run, indexed by global step (the teacher temperature and the last layer's freeze by
+    epoch); `at(step)` reads them all for one step."""
 
     def __init__(self, config, steps_per_epoch: int, world_size: int = 1) -> None:
         optim, dino = config.optim, config.dino
+        self.steps_per_epoch = steps_per_epoch
+        self.freeze_last_layer = optim.freeze_last_layer
         total_batch = config.data.batch_size_per_gpu * world_size
         self.lr = cosine_schedule(
             optim.lr * total_batch / 256.0, optim.min_lr, optim.epochs, steps_per_epoch, optim.warmup_epochs
@@ -49,3 +65,10 @@ class Schedules:
         )
         self.total_steps = optim.epochs * steps_per_epoch
         assert len(self.lr) == self.total_steps and math.isfinite(float(self.lr.sum()))
+
+    def at(self, step: int) -> StepSchedule:
+        """The values of global step `step` (0-based: the step about to run)."""
+        epoch = step // self.steps_per_epoch
+        return StepSchedule(epoch=epoch, lr=float(self.lr[step]), weight_decay=float(self.weight_decay[step]),
+                            teacher_momentum=float(self.momentum[step]), teacher_temp=float(self.teacher_temp[epoch]),
+                            last_layer_frozen=epoch < self.freeze_last_layer)

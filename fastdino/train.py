@@ -34,6 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     check_runnable(config)  # before the trainer is imported and the output folder exists: bad settings cost seconds
 
     from fastdino.distributed import init_distributed, shutdown_distributed
+    from fastdino.guard import EXIT_GUARD_STOP, GuardStop
     from fastdino.report import final_report
     from fastdino.trainer import NonFiniteLossError, Trainer
 
@@ -48,6 +49,10 @@ def main(argv: list[str] | None = None) -> int:
     except NonFiniteLossError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
+    except GuardStop as stop:
+        if os.environ.get("RANK", "0") == "0":
+            print(stop, file=sys.stderr)
+        return EXIT_GUARD_STOP
     except KeyboardInterrupt:
         if os.environ.get("RANK", "0") == "0":
             print(interrupted(trainer), file=sys.stderr)

@@ -4,7 +4,6 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,11 +17,20 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.tensor import DTensor
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
-from fastdino import checkpoint, run_folder, sharded_checkpoint
+from fastdino import checkpoint, reference_run, run_folder, sharded_checkpoint
+from fastdino.builders import (
+    build_backbone,
+    build_loader,
+    build_networks,
+    resolve_device,
+    resolve_fast_paths,
+    resolve_precision,
+    startup_lines,
+)
 from fastdino.checkpoint import CheckpointWriteError
 from fastdino.config import Config, config_to_dict
-from fastdino.data.datasets import ImageFolderDataset
 from fastdino.distributed import (
     DistributedContext,
     build_teacher_ema,
@@ -33,18 +41,16 @@ from fastdino.distributed import (
     resolve_strategy,
     wrap_networks,
 )
+from fastdino.guard import Guard, GuardStop
 from fastdino.loss import DINOLoss
 from fastdino.hub import backbone_state_dict
 from fastdino.metrics import MetricsLogger
-from fastdino.models import DINOHead, MultiCropWrapper, build_vit, xformers_usable
-from fastdino.models.attention import torch_varlen_usable
 from fastdino.optim import (
     build_optimizer,
     cancel_last_layer_gradients_,
     clip_gradients_,
     clip_gradients_reference_,
 )
-from fastdino.preflight import bf16_supported, check_device, check_fast_paths, check_precision, uses_cuda
 from fastdino.resume_policy import check_resume
 from fastdino.schedules import Schedules
 
@@ -55,168 +61,14 @@ class NonFiniteLossError(RuntimeError):
     """Training produced a NaN or infinite loss; the message names the step and the last good checkpoint."""
 
 
-@dataclass
-class FastPaths:
-    """The fast paths actually in use for this run, each resolved from its config switch and the device."""
-
-    fused_loss: bool
-    fused_ema: bool
-    packed: bool
-    efficient_drop_path: bool
-    fused_adamw: bool
-    sync_free_clip: bool
-    compile: bool
-    dali: bool
-    gpu_decode: bool
-
-
-def resolve_device(config: Config) -> torch.device:
-    """CUDA when present unless device=cpu; what the machine lacks is refused by fastdino.preflight's rules."""
-    check_device(config)
-    if not uses_cuda(config):
-        return torch.device("cpu")
-    return torch.device("cuda", torch.cuda.current_device())
-
-
-def resolve_precision(config: Config, device: torch.device) -> torch.dtype:
-    """The autocast dtype: by default bf16 on CUDA (fp16 on GPUs without bf16), fp32 (no autocast) on CPU."""
-    check_precision(config, device)
-    choice = config.precision
-    if choice == "auto":
-        choice = ("bf16" if bf16_supported(device) else "fp16") if device.type == "cuda" else "fp32"
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[choice]
-
-
-def _switch(value: bool | str, available: bool) -> bool:
-    return available if value == "auto" else bool(value)
-
-
-def resolve_fast_paths(config: Config, device: torch.device) -> FastPaths:
-    """`auto` turns a fast path on where the device supports it (CUDA, and the library where one is needed); a path
-    forced on where it cannot run is refused by fastdino.preflight's rules."""
-    check_fast_paths(config, device)
-    cuda = device.type == "cuda"
-    fast = config.fast
-    loader = config.data.loader
-    dali = loader == "dali" or (loader == "auto" and cuda and _dali_installed())
-    gpu_decode = loader == "gpu_decode" or (loader == "auto" and cuda and not dali)
-    return FastPaths(
-        fused_loss=_switch(fast.fused_loss, cuda),
-        fused_ema=_switch(fast.fused_ema, cuda),
-        packed=_switch(fast.packed, cuda and (xformers_usable() or torch_varlen_usable(device.index or 0))),
-        efficient_drop_path=_switch(fast.efficient_drop_path, cuda),
-        fused_adamw=_switch(fast.fused_adamw, cuda),
-        sync_free_clip=_switch(fast.sync_free_clip, True),
-        compile=_switch(fast.compile, False),
-        dali=dali,
-        gpu_decode=gpu_decode,
-    )
-
-
-def _dali_installed() -> bool:
-    try:
-        import nvidia.dali  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def build_backbone(
-    config: Config, drop_path_rate: float, efficient_drop_path: bool = False, compile_blocks: bool = False
-) -> torch.nn.Module:
-    """The ViT the config describes (the student gets stochastic depth, the teacher none)."""
-    model = config.model
-    extra = {"depth": model.depth} if model.depth is not None else {}
-    return build_vit(
-        model.arch,
-        patch_size=model.patch_size,
-        drop_path_rate=drop_path_rate,
-        attention=model.attention,
-        img_size=model.pos_embed_size,
-        efficient_drop_path=efficient_drop_path,
-        compile_blocks=compile_blocks,
-        **extra,
-    )
-
-
-def build_networks(config: Config, fast: FastPaths) -> tuple[MultiCropWrapper, MultiCropWrapper]:
-    """Student and teacher: same architecture and the same starting weights; the teacher never gets gradients."""
-    model = config.model
-
-    def network(drop_path_rate: float, norm_last_layer: bool) -> MultiCropWrapper:
-        backbone = build_backbone(config, drop_path_rate, fast.efficient_drop_path, fast.compile)
-        head = DINOHead(
-            backbone.embed_dim,
-            model.out_dim,
-            use_bn=model.use_bn_in_head,
-            norm_last_layer=norm_last_layer,
-            nlayers=model.head_nlayers,
-            hidden_dim=model.head_hidden_dim,
-            bottleneck_dim=model.head_bottleneck_dim,
-        )
-        return MultiCropWrapper(backbone, head, packed=fast.packed)
-
-    student = network(model.drop_path_rate, model.norm_last_layer)
-    teacher = network(0.0, True)
-    teacher.load_state_dict(student.state_dict())
-    for param in teacher.parameters():
-        param.requires_grad = False
-    return student, teacher
-
-
-def build_loader(
-    config: Config, fast: FastPaths, ctx: DistributedContext, device: torch.device, dtype: torch.dtype = torch.float32
-):
-    """The multi-crop loader: DALI or torchvision's GPU decode when on (crops come out on the device in `dtype`),
-    else torchvision transforms in DataLoader workers."""
-    data = config.data
-    if fast.gpu_decode or fast.dali:
-        if fast.gpu_decode:
-            from fastdino.data.gpu_decode import GpuDecodeMultiCropLoader as DeviceLoader
-        else:
-            from fastdino.data.dali import DaliMultiCropLoader as DeviceLoader
-        return DeviceLoader(
-            data.path,
-            batch_size=data.batch_size_per_gpu,
-            global_crops_scale=data.global_crops_scale,
-            local_crops_scale=data.local_crops_scale,
-            local_crops_number=data.local_crops_number,
-            global_crop_size=data.global_crop_size,
-            local_crop_size=data.local_crop_size,
-            num_threads=max(1, data.num_workers),
-            seed=config.seed,
-            rank=ctx.rank,
-            world_size=ctx.world_size,
-            device=device,
-            dtype=dtype,
-        )
-    from fastdino.data.augment import DataAugmentationDINO
-    from fastdino.data.torch_loader import MultiCropLoader
-
-    transform = DataAugmentationDINO(
-        data.global_crops_scale,
-        data.local_crops_scale,
-        data.local_crops_number,
-        global_crop_size=data.global_crop_size,
-        local_crop_size=data.local_crop_size,
-    )
-    dataset = ImageFolderDataset(data.path, transform=transform)
-    return MultiCropLoader(
-        dataset,
-        batch_size=data.batch_size_per_gpu,
-        num_workers=data.num_workers,
-        seed=config.seed,
-        rank=ctx.rank,
-        world_size=ctx.world_size,
-    )
-
-
 class Trainer:
     """Owns the state of one run. `Trainer(config).train()` trains to the last epoch, resuming if it can."""
 
     def __init__(self, config: Config, ctx: DistributedContext | None = None) -> None:
-        self.config = config
         self.ctx = ctx or DistributedContext.single()
+        # a main_dino.py run to continue (resume_from.path), read and checked before anything is built from the config
+        self.reference = reference_run.open_reference_run(config, self.ctx.world_size, self.ctx.is_main)
+        self.config = config = self.reference.config if self.reference else config
         self.output_dir = Path(config.output_dir)
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self.device = resolve_device(config) if ctx is None else self.ctx.device
@@ -242,24 +94,32 @@ class Trainer:
         self.schedules = Schedules(config, len(self.loader), self.ctx.world_size)
         self.dino_loss = DINOLoss(
             config.model.out_dim,
-            self.schedules.teacher_temp,
             config.dino.student_temp,
             config.dino.center_momentum,
             fused=self.fast.fused_loss,
         ).to(self.device)
         self.global_batch = config.data.batch_size_per_gpu * self.ctx.world_size
         self.step = 0  # global step about to run
+        self.guard = Guard(config)  # replaced by the checkpoint's on resume
         self.last_checkpoint: Path | None = None
         self.checkpoint_step = 0  # the step the last checkpoint holds
         if self.ctx.is_main:
             run_folder.prepare(self.output_dir, start_over=not config.resume)
         self.ctx.barrier()
         resume_from = sharded_checkpoint.find_resume_checkpoint(self.output_dir)
-        if resume_from is None:
-            torch.manual_seed(config.seed + 1 + self.ctx.rank)  # stochastic depth draws differ per rank
-        else:
+        if resume_from is not None:  # fastdino's own run in output_dir always wins
             self.resume(resume_from)
+        elif self.reference is not None:
+            reference_run.continue_reference_run(self, self.reference)
+        else:
+            torch.manual_seed(config.seed + 1 + self.ctx.rank)  # stochastic depth draws differ per rank
+        self.reference = None  # loaded or not needed: its tensors are freed
         self.metrics = MetricsLogger(self.output_dir, enabled=self.ctx.is_main, resumed_at=self.step)
+        if self.ctx.is_main:
+            run_folder.write_resolved_config(self.output_dir, config)
+            for line in startup_lines(config, self.device, self.autocast_dtype, self.strategy, self.ctx.world_size,
+                                      self.fast):
+                log.info(line)
 
     # ---------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
@@ -279,6 +139,7 @@ class Trainer:
             "world_size": self.ctx.world_size,
             "rng": gather_objects(checkpoint.capture_rng_state(), self.ctx),
             "config": config_to_dict(self.config),
+            "guard": self.guard.state_dict(),
         }
         if self.scaler is not None:
             state["scaler"] = self.scaler.state_dict()
@@ -293,6 +154,8 @@ class Trainer:
         optimizer_options = StateDictOptions(full_state_dict=full, strict=False)
         set_optimizer_state_dict(self.student, self.optimizer, state["optimizer"], options=optimizer_options)
         self.dino_loss.load_state_dict(state["dino_loss"])
+        if "guard" in state:  # absent from checkpoints written before the guard: it starts fresh
+            self.guard.load_state_dict(state["guard"])
         if self.scaler is not None and "scaler" in state:
             self.scaler.load_state_dict(state["scaler"])
         self.step = state["step"]
@@ -395,13 +258,14 @@ class Trainer:
                 "once there is room, the same command resumes from it")
 
     # ---------------------------------------------------------------- one step
-    def train_step(self, crops: list[torch.Tensor], epoch: int, monitors: bool = False):
-        """Forward both networks, backward, clip, optimizer step, EMA. Returns the loss output (on device)."""
-        config, step = self.config, self.step
+    def train_step(self, crops: list[torch.Tensor], monitors: bool = False):
+        """One step at `self.step` with the values its schedule record gives: forward both networks, backward,
+        clip, optimizer step, EMA. Returns the loss output (on device)."""
+        config, scheduled = self.config, self.schedules.at(self.step)
         for index, group in enumerate(self.optimizer.param_groups):
-            group["lr"] = float(self.schedules.lr[step])
+            group["lr"] = scheduled.lr
             if index == 0:
-                group["weight_decay"] = float(self.schedules.weight_decay[step])
+                group["weight_decay"] = scheduled.weight_decay
         crops = [crop.to(self.device, non_blocking=True) for crop in crops]
         autocast = torch.autocast(
             self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype != torch.float32
@@ -411,7 +275,7 @@ class Trainer:
                 teacher_logits = self.teacher(crops[:2])
                 reshard(self.teacher)  # FSDP: the next forward must gather the shards the EMA updates
             student_logits = self.student(crops)
-        output = self.dino_loss(student_logits, teacher_logits, epoch, monitors=monitors)
+        output = self.dino_loss(student_logits, teacher_logits, scheduled.teacher_temp, monitors=monitors)
 
         self.optimizer.zero_grad(set_to_none=True)
         if self.scaler is not None:
@@ -422,13 +286,14 @@ class Trainer:
         if config.optim.clip_grad:
             clip = clip_gradients_ if self.fast.sync_free_clip else clip_gradients_reference_
             clip(self.student, config.optim.clip_grad)
-        cancel_last_layer_gradients_(self.student, epoch, config.optim.freeze_last_layer)
+        if scheduled.last_layer_frozen:
+            cancel_last_layer_gradients_(self.student)
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()
         else:
             self.optimizer.step()
-        self.ema.update(float(self.schedules.momentum[step]))
+        self.ema.update(scheduled.teacher_momentum)
         self.dino_loss.synchronize_center()
         self.step += 1
         return output
@@ -442,7 +307,8 @@ class Trainer:
             total = min(stop_after_steps, total)
         progress = tqdm(total=total, initial=self.step, disable=not self.ctx.is_main, unit="step", dynamic_ncols=True)
         try:
-            return self._train_until(total, progress)
+            with logging_redirect_tqdm():  # log lines (the guard's warnings) on lines of their own above the bar
+                return self._train_until(total, progress)
         finally:  # also on an error: its one line then starts on a line of its own
             progress.close()
             self.metrics.close()
@@ -452,29 +318,32 @@ class Trainer:
         loss_sum = torch.zeros((), device=self.device)
         window_steps, window_start = 0, time.perf_counter()
         last_row: dict[str, Any] = {}
-        monitored: dict[str, float] = {}  # collapse monitors waiting for the next log row (and only that one)
         while self.step < total:
             epoch, start = divmod(self.step, steps_per_epoch)
             for crops, _labels in self.loader.epoch_iter(epoch, start_step=start):
-                monitors = config.monitor_every > 0 and self.step % config.monitor_every == 0
-                output = self.train_step(crops, epoch, monitors=monitors)
+                # the collapse monitors of every monitor_every-th step, written in that step's own row only
+                monitors = config.monitor_every > 0 and (self.step + 1) % config.monitor_every == 0
+                output = self.train_step(crops, monitors=monitors)
                 loss_sum += output.loss.detach()
                 window_steps += 1
                 progress.update(1)
-                if monitors:  # one read-back for both numbers
-                    entropy, kl = torch.stack([output.teacher_entropy, output.teacher_student_kl]).tolist()
+                monitored: dict[str, float] = {}
+                if monitors:  # one read-back for both numbers, averaged over ranks: every rank's guard agrees
+                    figures = torch.stack([output.teacher_entropy, output.teacher_student_kl])
+                    entropy, kl = self.ctx.mean(figures).tolist()
                     monitored = {"teacher_entropy": entropy, "teacher_student_kl": kl}
                 at_epoch_end = self.step % steps_per_epoch == 0
                 at_checkpoint = at_epoch_end or (config.checkpoint_every and self.step % config.checkpoint_every == 0)
-                if self.step % config.log_every == 0 or at_checkpoint or self.step == total:
+                stop = False
+                if monitored or self.step % config.log_every == 0 or at_checkpoint or self.step == total:
                     loss = self.ctx.mean(loss_sum / window_steps).item()
                     self._check_finite(loss, epoch)
                     seconds = time.perf_counter() - window_start
                     # evaluated before the row is written and the checkpoint saved: a kill in between redoes both
                     evaluation = self._end_of_epoch(epoch) if at_epoch_end else {}
-                    last_row = {**self._log_row(epoch, loss, window_steps * batch / seconds), **monitored, **evaluation}
-                    monitored = {}
+                    last_row = {**self._log_row(loss, window_steps * batch / seconds), **monitored, **evaluation}
                     self.metrics.log(last_row)
+                    stop = self._watch(monitored) if monitored else False
                     progress.set_postfix(
                         loss=f"{loss:.4f}",
                         lr=f"{last_row['lr']:.2e}",
@@ -485,22 +354,34 @@ class Trainer:
                     )
                     loss_sum.zero_()
                     window_steps, window_start = 0, time.perf_counter()
-                if at_checkpoint:
+                if at_checkpoint or stop:
                     self.save()
+                if stop:
+                    raise GuardStop(self.guard.stop_line(self.step, str(self.last_checkpoint)))
                 if at_epoch_end or self.step >= total:
                     break
         return last_row
 
-    def _log_row(self, epoch: int, loss: float, images_per_second: float) -> dict[str, Any]:
-        step = self.step - 1
+    def _watch(self, monitored: dict[str, float]) -> bool:
+        """Show the collapse guard the reading logged at this step; True when guard.action=stop ends the run."""
+        event = self.guard.observe(self.step, monitored["teacher_entropy"], monitored["teacher_student_kl"])
+        if event is None:
+            return False
+        if self.ctx.is_main:
+            log.warning(event.line)
+        return bool(event.mode) and self.config.guard.action == "stop"
+
+    def _log_row(self, loss: float, images_per_second: float) -> dict[str, Any]:
+        """The row of the step just trained: its loss and the values its schedule record gave it."""
+        scheduled = self.schedules.at(self.step - 1)
         return {
             "step": self.step,
-            "epoch": epoch,
+            "epoch": scheduled.epoch,
             "loss": loss,
-            "lr": float(self.schedules.lr[step]),
-            "weight_decay": float(self.schedules.weight_decay[step]),
-            "momentum": float(self.schedules.momentum[step]),
-            "teacher_temp": float(self.schedules.teacher_temp[epoch]),
+            "lr": scheduled.lr,
+            "weight_decay": scheduled.weight_decay,
+            "momentum": scheduled.teacher_momentum,
+            "teacher_temp": scheduled.teacher_temp,
             "img_per_s": images_per_second,
         }
 

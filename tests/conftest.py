@@ -6,6 +6,7 @@ code paths: `bench/run_gpu.sh` runs `pytest -m gpu` on the device machine.
 """
 import os
 
+import pytest
 import torch
 
 if not torch.cuda.is_available():
@@ -15,3 +16,13 @@ if not torch.cuda.is_available():
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: checks a GPU code path when CUDA is present (run on the device machine "
                                        "by bench/run_gpu.sh; on CPU it skips or runs in the Triton interpreter)")
+
+
+@pytest.fixture(scope="module")
+def one_cpu_thread():
+    """Tiny tensors: torch's intra-op threads only add wake-up latency on a shared 2-core machine
+    (`pytestmark = pytest.mark.usefixtures("one_cpu_thread")` in a module that wants it)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

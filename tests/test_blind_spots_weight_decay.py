@@ -48,7 +48,7 @@ def test_only_weight_matrices_are_decayed_with_the_scheduled_value_at_each_step(
     for step in range(STEPS):
         crops, _ = next(batches)
         before = {name: p.detach().clone() for name, p in named}
-        trainer.train_step(crops, epoch=0)
+        trainer.train_step(crops)
         wd = scheduled_weight_decay(step, STEPS)
         decays.append(wd)
         decayed_group, plain_group = trainer.optimizer.param_groups

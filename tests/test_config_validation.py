@@ -14,7 +14,7 @@ from helpers import tiny_config, write_image_folder
 import fastdino.data.dali
 from fastdino import preflight
 from fastdino.config import RULES, Config, ConfigError, get_value, load_config
-from fastdino.trainer import resolve_device, resolve_fast_paths, resolve_precision
+from fastdino.builders import resolve_device, resolve_fast_paths, resolve_precision
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
@@ -92,6 +92,11 @@ BAD = [
     ("eval.attention_image_size", "8", "must be >= model.patch_size (16)", ["eval.attention_images=2"]),
     ("distributed.strategy", "zero", "must be one of auto, fsdp, ddp, none", []),
     ("distributed.activation_checkpointing", "sometimes", "expected true or false", []),
+    ("guard.action", "halt", "must be one of warn, stop", []),
+    ("guard.action", "stop", "needs monitor_every > 0 (the guard reads the monitors)", ["monitor_every=0"]),
+    ("guard.band", "0.5", "must be in (0, 0.5)", []),
+    ("guard.drift", "0.0", "must be in (0, 1]", []),
+    ("guard.patience", "-1", "must be >= 0 (0: at the first reading that shows it)", []),
     ("output_dir", "[a, b]", "expected a string", []),
     ("seed", "-1", "must be >= 0", []),
     ("device", "gpu", "must be one of auto, cuda, cpu", []),
@@ -101,6 +106,9 @@ BAD = [
     ("checkpoint_every", "-1", "must be >= 0 (0: at epoch ends only)", []),
     ("saveckp_freq", "-20", "must be >= 0 (0: off)", []),
     ("resume", "maybe", "expected true or false", []),
+    ("resume_from.path", "/no/such/checkpoint.pth", "must be an existing file (a checkpoint.pth of main_dino.py)", []),
+    ("resume_from.trust_reference_args", "maybe", "expected true or false", []),
+    ("resume_from.trust_reference_args", "true", "needs resume_from.path", []),
 ]
 
 # Values at the edge of what is allowed: a rule must not be stricter than its message says.
@@ -110,6 +118,7 @@ GOOD = [
     "optim.clip_grad=0", "optim.freeze_last_layer=0", "dino.momentum_teacher=1", "dino.center_momentum=0",
     "dino.warmup_teacher_temp_epochs=100", "eval.knn_every_epochs=0", "eval.attention_images=0", "seed=0",
     "monitor_every=0", "checkpoint_every=0", "saveckp_freq=0", "optim.lr=1e-3", "fast.packed=auto",
+    "guard.drift=1", "guard.patience=0",
 ]
 
 

@@ -28,6 +28,7 @@ from fastdino.data.torch_loader import epoch_batches  # noqa: E402
 
 NO_EFFECTS = dict(flip_p=0.0, jitter_p=0.0, grayscale_p=0.0, blur_p=(0.0, 0.0, 0.0), solarize_p=(0.0, 0.0, 0.0))
 TINY = dict(local_crops_number=2, global_crop_size=16, local_crop_size=8)
+SMALL = MultiCropRecipe(local_crops_number=1, global_crop_size=16, local_crop_size=8)
 
 
 def _save(array: np.ndarray, path, **options) -> str:
@@ -79,8 +80,8 @@ def folder(tmp_path_factory):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_shapes_dtypes_and_count(folder, dtype):
-    loader = DaliMultiCropLoader(folder, batch_size=4, local_crops_number=3, global_crop_size=32, local_crop_size=16,
-                                 dtype=dtype, num_threads=2, device="cpu")
+    loader = DaliMultiCropLoader(folder, batch_size=4, dtype=dtype, num_threads=2, device="cpu",
+                                 recipe=MultiCropRecipe(local_crops_number=3, global_crop_size=32, local_crop_size=16))
     assert len(loader) == 24 // 4
     batches = list(loader.epoch_iter(0))
     assert len(batches) == len(loader)
@@ -127,8 +128,7 @@ def test_sharding_covers_every_file_once_per_epoch(tmp_path, world_size, drop_la
 
 def test_deterministic_by_seed_and_resumable(folder):
     def crops_of(seed, epoch, start_step=0):
-        loader = DaliMultiCropLoader(folder, 4, seed=seed, local_crops_number=1, global_crop_size=16,
-                                     local_crop_size=8, num_threads=2)
+        loader = DaliMultiCropLoader(folder, 4, seed=seed, num_threads=2, recipe=SMALL)
         return list(loader.epoch_iter(epoch, start_step))
 
     first, again, other_epoch = crops_of(0, 1), crops_of(0, 1), crops_of(0, 2)
@@ -273,8 +273,7 @@ def test_bad_files_are_left_out_with_one_warning(tmp_path, caplog):
     Image.fromarray(smooth).convert("RGBA").save(tmp_path / "alpha.png")
     Image.fromarray(smooth).save(tmp_path / "png_named.jpg", format="PNG")
     with caplog.at_level(logging.WARNING, logger="fastdino.data"):
-        loader = DaliMultiCropLoader(tmp_path, 2, drop_last=False, local_crops_number=1, global_crop_size=16,
-                                     local_crop_size=8, num_threads=2)
+        loader = DaliMultiCropLoader(tmp_path, 2, drop_last=False, num_threads=2, recipe=SMALL)
     assert loader.num_rejected == 3
     warnings = [r.getMessage() for r in caplog.records if "leaving out" in r.getMessage()]
     assert len(warnings) == 1 and all(name in warnings[0] for name in ("truncated.jpg", "text.jpg", "empty.jpg"))
@@ -334,7 +333,8 @@ def test_webdataset_shards_with_index_and_labels(tmp_path):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (nvJPEG decoding, GPU crops)")
 def test_gpu_crops_stay_on_the_gpu(folder):
-    loader = DaliMultiCropLoader(folder, 4, local_crops_number=2, dtype=torch.bfloat16, device="cuda")
+    loader = DaliMultiCropLoader(folder, 4, dtype=torch.bfloat16, device="cuda",
+                                 recipe=MultiCropRecipe(local_crops_number=2))
     crops, labels = next(loader.epoch_iter(0))
     assert all(c.is_cuda and c.dtype == torch.bfloat16 and c.shape[0] == 4 for c in crops)
     assert labels.shape == (4,)

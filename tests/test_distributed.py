@@ -60,7 +60,7 @@ def scenario_step(ctx, work, data, strategy):
     losses = []
     for step in range(2):
         crops = [crop[rows] for crop in fixed_batch(step, WORLD * BATCH_PER_RANK)]
-        losses.append(ctx.mean(trainer.train_step(crops, epoch=0).loss.detach()).item())
+        losses.append(ctx.mean(trainer.train_step(crops).loss.detach()).item())
     state = {"student": full_state_dict(trainer.student), "teacher": full_state_dict(trainer.teacher),
              "center": trainer.dino_loss.center.clone(), "losses": losses}
     if ctx.is_main:
@@ -156,7 +156,7 @@ def single_process_reference(data, output_dir):
     """The same two steps in one process on the whole batch (world size 1, batch 2b)."""
     trainer = Trainer(tiny_config(data, output_dir, "distributed.strategy=none",
                                   f"data.batch_size_per_gpu={WORLD * BATCH_PER_RANK}", *STEP_SETTINGS))
-    losses = [trainer.train_step(fixed_batch(step, WORLD * BATCH_PER_RANK), epoch=0).loss.item() for step in range(2)]
+    losses = [trainer.train_step(fixed_batch(step, WORLD * BATCH_PER_RANK)).loss.item() for step in range(2)]
     return trainer, losses
 
 

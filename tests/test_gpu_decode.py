@@ -16,28 +16,21 @@ from torchvision import transforms
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
+from fastdino import builders
 from fastdino import trainer as trainer_module
 from fastdino.data import IMAGENET_MEAN, IMAGENET_STD, DataAugmentationDINO, ImageFolderDataset, MultiCropLoader
 from fastdino.data.gpu_decode import GpuDecodeMultiCropLoader, decode_on_cpu
 from fastdino.data.gpu_decode_augment import augment_batch
 from fastdino.data.gpu_decode_draws import CropParams, draw_crop_window, draw_image_params, draw_jitter
-from fastdino.data.recipe import multicrop_slots
+from fastdino.data.recipe import MultiCropRecipe, multicrop_slots
 
 NUM_IMAGES = 12
 RECIPE = dict(global_crops_scale=(0.4, 1.0), local_crops_scale=(0.05, 0.4), local_crops_number=2,
               global_crop_size=24, local_crop_size=12)
 STD = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
 MEAN = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-pytestmark = pytest.mark.filterwarnings("ignore:.*TorchCodec:DeprecationWarning")  # torchvision 0.29's decoders
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_cpu_thread():
-    """Tiny tensors: torch's intra-op threads only add wake-up latency on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = [pytest.mark.filterwarnings("ignore:.*TorchCodec:DeprecationWarning"),  # torchvision 0.29's decoders
+              pytest.mark.usefixtures("one_cpu_thread")]  # tiny tensors: see tests/conftest.py
 
 
 def smooth_image(rng: np.random.Generator, height: int, width: int) -> Image.Image:
@@ -60,7 +53,8 @@ def dataset_root(tmp_path_factory):
 
 
 def make_loader(root, **overrides) -> GpuDecodeMultiCropLoader:
-    options = dict(batch_size=4, seed=3, device="cpu", num_threads=2, **RECIPE)
+    crops = {key: overrides.pop(key) for key in list(overrides) if key in RECIPE}
+    options = dict(batch_size=4, seed=3, device="cpu", num_threads=2, recipe=MultiCropRecipe(**{**RECIPE, **crops}))
     options.update(overrides)
     return GpuDecodeMultiCropLoader(root, **options)
 
@@ -237,7 +231,8 @@ def test_bad_files_png_and_corrupt_jpegs(tmp_path, caplog):
     (tmp_path / "truncated.jpg").write_bytes(whole[: len(whole) // 2])  # no end marker: caught by the pre-scan
     (tmp_path / "garbage.jpg").write_bytes(b"\xff\xd8\xff" + bytes(rng.integers(0, 256, 500).tolist()) + b"\xff\xd9")
     with caplog.at_level(logging.WARNING, logger="fastdino.data"):
-        loader = GpuDecodeMultiCropLoader(tmp_path, batch_size=4, seed=0, device="cpu", num_threads=2, **RECIPE)
+        loader = GpuDecodeMultiCropLoader(tmp_path, batch_size=4, seed=0, device="cpu", num_threads=2,
+                                          recipe=MultiCropRecipe(**RECIPE))
         assert loader.num_rejected == 1 and len(loader.samples) == 8
         for epoch in range(2):
             for crops, labels in loader.epoch_iter(epoch):
@@ -284,10 +279,11 @@ def test_cuda_decode_and_crops_match_cpu(dataset_root):
     ("cpu", "auto", True, "torch"), ("cuda", "auto", True, "dali"), ("cuda", "auto", False, "gpu_decode"),
     ("cpu", "gpu_decode", True, "gpu_decode"), ("cuda", "torch", False, "torch")])
 def test_trainer_loader_choice(monkeypatch, tmp_path, device, loader, dali_installed, expected):
-    monkeypatch.setattr(trainer_module, "_dali_installed", lambda: dali_installed)
+    monkeypatch.setattr(builders, "_dali_installed", lambda: dali_installed)
     config = tiny_config(tmp_path, tmp_path, f"data.loader={loader}")
-    fast = trainer_module.resolve_fast_paths(config, torch.device(device))
+    fast = builders.resolve_fast_paths(config, torch.device(device))
     assert (fast.dali, fast.gpu_decode) == (expected == "dali", expected == "gpu_decode")
+    assert fast.reasons["data.loader"].startswith(f"{expected} (")
 
 
 def test_trainer_trains_with_the_gpu_decode_loader(tmp_path):

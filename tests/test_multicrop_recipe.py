@@ -22,7 +22,8 @@ from fastdino.data.gpu_decode import GpuDecodeMultiCropLoader
 from fastdino.data.gpu_decode_draws import draw_image_params
 from fastdino.data.recipe import MultiCropRecipe
 
-pytestmark = pytest.mark.filterwarnings("ignore:.*TorchCodec:DeprecationWarning")  # torchvision 0.29's decoders
+pytestmark = [pytest.mark.filterwarnings("ignore:.*TorchCodec:DeprecationWarning"),  # torchvision 0.29's decoders
+              pytest.mark.usefixtures("one_cpu_thread")]  # tiny tensors: see tests/conftest.py
 PATHS = ["torchvision", pytest.param("dali", marks=pytest.mark.skipif(DALI_IMPORT_ERROR is not None,
                                                                      reason=f"DALI unusable: {DALI_IMPORT_ERROR}")),
          "gpu_decode"]
@@ -41,15 +42,6 @@ RATES_RECIPE = MultiCropRecipe(
     solarize_p=(0.5, 0.0, 0.25))
 HEIGHT, WIDTH, COLOUR = 60, 80, (250, 200, 150)  # PIL luma of COLOUR: 209 (solarized: 46)
 NUM_IMAGES, BATCH, SEED = 16, 8, 4
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_cpu_thread():
-    """Tiny tensors: torch's intra-op threads only add wake-up latency on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -42,7 +42,7 @@ def tiny_arguments(images, output_dir, *extra):
     ("model.attention=math", True), ("distributed.strategy=ddp", True), ("data.batch_size_per_gpu=8", True),
     ("optim.epochs=3", True), ("optim.epochs=1", False), ("optim.lr=0.1", False), ("model.depth=2", False),
     ("dino.center_momentum=0.5", False), ("seed=3", False), ("data.local_crops_number=4", False),
-    ("model.out_dim=32", False),
+    ("model.out_dim=32", False), ("guard.action=stop", True), ("guard.patience=3", True),
 ])
 def test_which_changes_a_rerun_may_make(images, tmp_path, override, allowed):
     stored = config_to_dict(tiny_config(images, tmp_path))

@@ -84,7 +84,7 @@ STEP_SETTINGS = ("model.depth=2", "model.drop_path_rate=0.1", "fast.fused_loss=t
 def trainer_and_crops(image_folder, output_dir, *settings):
     trainer = Trainer(tiny_config(image_folder, output_dir, *STEP_SETTINGS, *settings))
     crops, _ = next(iter(trainer.loader.epoch_iter(0)))
-    trainer.train_step(crops, epoch=0)  # the first step creates the optimizer state
+    trainer.train_step(crops)  # the first step creates the optimizer state
     return trainer, crops
 
 
@@ -98,7 +98,7 @@ def test_step_makes_no_host_sync(image_folder, tmp_path, packed, efficient):
     for monitors in (False, True):  # the monitors are read outside train_step
         recorder = SyncRecorder()
         with recorder:
-            output = trainer.train_step(crops, epoch=0, monitors=monitors)
+            output = trainer.train_step(crops, monitors=monitors)
         assert recorder.syncs == [], f"monitors={monitors}: " + "\n".join(recorder.syncs)
         assert recorder.ops[aten.rand] > 0, "stochastic depth did not run"
         if efficient == "true":
@@ -139,12 +139,12 @@ def test_recorder_passes_sync_free_forms():
 def test_cuda_steps_make_no_host_sync(image_folder, tmp_path):
     trainer, crops = trainer_and_crops(image_folder, tmp_path, "device=cuda", "data.loader=torch", "fast.packed=true",
                                        "fast.efficient_drop_path=true")
-    trainer.train_step(crops, epoch=0, monitors=True)  # caches of the paths taken with monitors
+    trainer.train_step(crops, monitors=True)  # caches of the paths taken with monitors
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
         for monitors in (False, True, False):
-            trainer.train_step(crops, epoch=0, monitors=monitors)
+            trainer.train_step(crops, monitors=monitors)
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert torch.isfinite(trainer.dino_loss.center).all()

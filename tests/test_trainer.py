@@ -29,7 +29,7 @@ def test_a_few_steps_lower_the_loss_on_a_fixed_batch(image_folder, tmp_path):
                          "model.drop_path_rate=0.0")
     trainer = Trainer(config)
     crops, _ = next(iter(trainer.loader.epoch_iter(0)))
-    outputs = [trainer.train_step(crops, epoch=0, monitors=True) for _ in range(8)]
+    outputs = [trainer.train_step(crops, monitors=True) for _ in range(8)]
     entropy = [output.teacher_entropy.item() for output in outputs]
     kl = [output.teacher_student_kl.item() for output in outputs]
     assert entropy[-1] == pytest.approx(entropy[0], rel=1e-4), entropy  # the target did not move
@@ -56,11 +56,12 @@ def test_stop_and_resume_is_bit_identical(image_folder, tmp_path):
 
 
 def test_monitors_are_logged(image_folder, tmp_path):
-    Trainer(tiny_config(image_folder, tmp_path, "optim.epochs=1", "optim.warmup_epochs=0")).train()
+    Trainer(tiny_config(image_folder, tmp_path, "optim.epochs=1", "optim.warmup_epochs=0", "log_every=3")).train()
     rows = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
-    # monitor_every=2: measured on steps 0 and 2, logged in the rows of steps 1 and 3 only (no stale repeats)
-    assert [row["step"] for row in rows if "teacher_entropy" in row and "teacher_student_kl" in row] == [1, 3]
-    assert [row["step"] for row in rows] == [1, 2, 3, 4]
+    # monitor_every=2: measured on steps 2 and 4 and written in those steps' own rows only (no stale repeats, no
+    # reading in a later row); step 2 gets a row of its own although log_every=3
+    assert [row["step"] for row in rows if "teacher_entropy" in row and "teacher_student_kl" in row] == [2, 4]
+    assert [row["step"] for row in rows] == [2, 3, 4]
     assert all(0 <= row.get("teacher_entropy", 0) <= np.log(64) + 1e-4 for row in rows)
     assert all(np.isfinite(r["loss"]) for r in rows)
 

@@ -65,7 +65,7 @@ from typing import Iterator, Sequence
 import torch
 
 from fastdino.data.datasets import DatasetError, find_images
-from fastdino.data.recipe import MultiCropRecipe, recipe_of
+from fastdino.data.recipe import MultiCropRecipe
 from fastdino.data.torch_loader import epoch_batches, mix_seeds, sample_seed
 
 logger = logging.getLogger("fastdino.data")
@@ -244,16 +244,12 @@ class DaliMultiCropLoader:
     ImageFolderDataset, or WebDatasetShards. device: "auto" (CUDA when present), "cpu" or "cuda"; on CUDA the
     images are decoded by nvJPEG ("mixed") and crops are CUDA tensors with no host round trip. dtype: of the crops.
     num_threads: DALI CPU threads. scan_cache: file in which the bad-file scan of a folder dataset is kept.
-    recipe: the multi-crop recipe, or else the paper's with the five crop settings given here.
+    recipe: the multi-crop recipe (default: the paper's).
     """
 
     def __init__(self, source, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1,
                  drop_last: bool = True, *,
-                 global_crops_scale: tuple[float, float] = MultiCropRecipe.global_crops_scale,
-                 local_crops_scale: tuple[float, float] = MultiCropRecipe.local_crops_scale,
-                 local_crops_number: int = MultiCropRecipe.local_crops_number,
-                 global_crop_size: int = MultiCropRecipe.global_crop_size,
-                 local_crop_size: int = MultiCropRecipe.local_crop_size, recipe: MultiCropRecipe | None = None,
+                 recipe: MultiCropRecipe = MultiCropRecipe(),
                  device: str | torch.device = "auto", dtype: torch.dtype = torch.float32, num_threads: int = 4,
                  prefetch: int = 2, scan_cache: str | Path | None = None):
         if DALI_IMPORT_ERROR is not None:
@@ -266,8 +262,7 @@ class DaliMultiCropLoader:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         if device not in ("cpu", "cuda"):
             raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
-        self.recipe = recipe_of(recipe, global_crops_scale, local_crops_scale, local_crops_number, global_crop_size,
-                                local_crop_size)
+        self.recipe = recipe
         self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
         self.drop_last, self.device, self.dtype = drop_last, device, dtype
         self._crop_dtype = _dali_dtype(dtype)

@@ -52,7 +52,7 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from fastdino.data.datasets import load_rgb
 from fastdino.data.gpu_decode_augment import augment_batch
 from fastdino.data.gpu_decode_draws import draw_image_params
-from fastdino.data.recipe import MultiCropRecipe, recipe_of
+from fastdino.data.recipe import MultiCropRecipe
 from fastdino.data.torch_loader import epoch_batches, sample_seed
 
 logger = logging.getLogger("fastdino.data")
@@ -131,17 +131,13 @@ class GpuDecodeMultiCropLoader:
     ImageFolderDataset. device: "auto" (CUDA when present), "cpu", "cuda" or "cuda:N"; crops come out there in
     `dtype` (float32, float16 or bfloat16), labels on the CPU. num_threads: file-reading threads (they also decode
     everything on device="cpu"). prefetch: batches read and produced ahead. scan_cache: see dali.scan_image_files.
-    recipe: the multi-crop recipe, or else the paper's with the five crop settings given here.
+    recipe: the multi-crop recipe (default: the paper's).
     One epoch_iter at a time: starting a new one abandons the previous one.
     """
 
     def __init__(self, source, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1,
                  drop_last: bool = True, *,
-                 global_crops_scale: tuple[float, float] = MultiCropRecipe.global_crops_scale,
-                 local_crops_scale: tuple[float, float] = MultiCropRecipe.local_crops_scale,
-                 local_crops_number: int = MultiCropRecipe.local_crops_number,
-                 global_crop_size: int = MultiCropRecipe.global_crop_size,
-                 local_crop_size: int = MultiCropRecipe.local_crop_size, recipe: MultiCropRecipe | None = None,
+                 recipe: MultiCropRecipe = MultiCropRecipe(),
                  device: str | torch.device = "auto", dtype: torch.dtype = torch.float32, num_threads: int = 8,
                  prefetch: int = 2, scan_cache: str | Path | None = None):
         from fastdino.data.dali import check_loader_settings, decodable_samples  # importable without DALI itself
@@ -149,8 +145,7 @@ class GpuDecodeMultiCropLoader:
         check_loader_settings(batch_size, num_threads, prefetch, seed, rank, world_size)
         if dtype not in (torch.float32, torch.float16, torch.bfloat16):
             raise ValueError(f"dtype must be torch.float32, float16 or bfloat16, got {dtype}")
-        self.recipe = recipe_of(recipe, global_crops_scale, local_crops_scale, local_crops_number, global_crop_size,
-                                local_crop_size)
+        self.recipe = recipe
         self.slots = self.recipe.slots()
         self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
         self.drop_last, self.dtype = drop_last, dtype

@@ -167,8 +167,8 @@ class MultiCropRecipe:
 def recipe_of(recipe: MultiCropRecipe | None, global_crops_scale: tuple[float, float],
               local_crops_scale: tuple[float, float], local_crops_number: int, global_crop_size: int,
               local_crop_size: int) -> MultiCropRecipe:
-    """The recipe a loader is asked for: `recipe`, or else the paper's with the five crop settings (the loaders'
-    keyword form). ValueError when both are given, since one of them would be ignored."""
+    """The recipe DataAugmentationDINO is asked for: `recipe`, or else the paper's with the five crop settings (its
+    keyword form, the reference's signature). ValueError when both are given, since one of them would be ignored."""
     from_settings = MultiCropRecipe.from_settings(global_crops_scale, local_crops_scale, local_crops_number,
                                                   global_crop_size, local_crop_size)
     if recipe is None:

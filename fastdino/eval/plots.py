@@ -1,7 +1,9 @@
-"""Training curves from the JSONL log: loss, and kNN accuracy / learning rate / teacher entropy when logged."""
+"""Training curves from the JSONL log: loss, and kNN accuracy / learning rate / teacher entropy when logged (with
+ln K, the entropy of a uniform teacher output, so that a reader sees which way a collapse goes)."""
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -34,20 +36,32 @@ def read_jsonl(jsonl_path: str | os.PathLike) -> list[dict]:
     return rows
 
 
-def plot_training_curves(jsonl_path: str | os.PathLike, out_png: str | os.PathLike) -> Path:
+def plot_training_curves(jsonl_path: str | os.PathLike, out_png: str | os.PathLike,
+                         out_dim: int | None = None) -> Path:
     """Draw one panel per logged metric against 'step' and save a PNG; returns its path.
 
     Rows need 'step'; a metric is drawn from the rows that hold it (rows written at eval time may hold only
-    'knn_top1'). At least one row must hold 'loss'.
+    'knn_top1'). At least one row must hold 'loss'. `out_dim` (K): the entropy panel spans 0 (one-hot collapse) to
+    ln K (uniform collapse), with a line at ln K.
     """
-    rows = [row for row in read_jsonl(jsonl_path) if "step" in row]
+    figure = training_curves_figure([row for row in read_jsonl(jsonl_path) if "step" in row], out_dim, jsonl_path)
+    out_png = Path(out_png)
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(out_png, dpi=100)
+    plt.close(figure)
+    return out_png
+
+
+def training_curves_figure(rows: list[dict], out_dim: int | None = None,
+                           source: str | os.PathLike = "the log") -> plt.Figure:
+    """The figure `plot_training_curves` saves, from rows that all hold 'step'."""
     series = {}
     for key, _ in _PANELS:
         points = [(row["step"], row[key]) for row in rows if isinstance(row.get(key), (int, float))]
         if points:
             series[key] = points
     if "loss" not in series:
-        raise ValueError(f"{jsonl_path} has no row with both 'step' and a numeric 'loss'")
+        raise ValueError(f"{source} has no row with both 'step' and a numeric 'loss'")
 
     panels = [(key, label) for key, label in _PANELS if key in series]
     figure, axes = plt.subplots(len(panels), 1, figsize=(7, 2.6 * len(panels)), sharex=True, squeeze=False)
@@ -56,10 +70,11 @@ def plot_training_curves(jsonl_path: str | os.PathLike, out_png: str | os.PathLi
         axis.plot(steps, values, marker="o" if len(steps) < 30 else None)
         axis.set_ylabel(label)
         axis.grid(alpha=0.3)
+        if key == "teacher_entropy" and out_dim:
+            ln_k = math.log(out_dim)
+            axis.axhline(ln_k, color="gray", linestyle="--", label=f"ln K = {ln_k:.2f}: uniform")
+            axis.set_ylim(bottom=0)  # 0: one-hot
+            axis.legend(loc="best", fontsize="small")
     axes[-1, 0].set_xlabel("step")
     figure.tight_layout()
-    out_png = Path(out_png)
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(out_png, dpi=100)
-    plt.close(figure)
-    return out_png
+    return figure
