@@ -26,7 +26,8 @@ if str(REPO) not in sys.path:
 from bench.common import (  # noqa: E402
     bench_parser, dtype_name, new_report, print_rows, synchronize, write_jpegs, write_report,
 )
-from fastdino.config import RULES, existing_folder, non_negative, positive  # noqa: E402
+from fastdino.config import RULES  # noqa: E402
+from fastdino.rules import existing_folder, non_negative, positive  # noqa: E402
 from fastdino.data.augment import DataAugmentationDINO  # noqa: E402
 from fastdino.data.datasets import ImageFolderDataset  # noqa: E402
 from fastdino.data.torch_loader import MultiCropLoader  # noqa: E402

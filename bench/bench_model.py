@@ -29,7 +29,8 @@ from bench.common import (  # noqa: E402
     bench_device, bench_parser, crop_flops, matmul_tflops, median_ms, new_report, peak_memory_gib, print_rows,
     reset_peak_memory, write_report,
 )
-from fastdino.config import RULES, positive  # noqa: E402
+from fastdino.config import RULES  # noqa: E402
+from fastdino.rules import positive  # noqa: E402
 from fastdino.errors import report_usage_errors  # noqa: E402
 from fastdino.models import DINOHead, MultiCropWrapper, build_vit  # noqa: E402
 

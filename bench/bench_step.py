@@ -44,7 +44,8 @@ from bench.common import (  # noqa: E402
     bench_device, bench_parser, crop_flops, matmul_tflops, names_from, new_report, peak_memory_gib, print_rows,
     reset_peak_memory, synchronize, time_calls, write_jpegs, write_report,
 )
-from fastdino.config import RULES, existing_folder, load_config, non_negative, positive  # noqa: E402
+from fastdino.config import RULES, load_config  # noqa: E402
+from fastdino.rules import existing_folder, non_negative, positive  # noqa: E402
 from fastdino.errors import report_usage_errors  # noqa: E402
 from fastdino.models import xformers_usable  # noqa: E402
 from fastdino.models.attention import torch_varlen_usable  # noqa: E402

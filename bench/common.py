@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from fastdino.config import CheckedArgumentParser, Rule
+from fastdino.rules import CheckedArgumentParser, Rule
 from fastdino.errors import UsageError
 
 REPO = Path(__file__).resolve().parent.parent

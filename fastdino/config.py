@@ -8,13 +8,12 @@ machine must provide (a GPU, a library, the data folders) is checked by `fastdin
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import difflib
 import math
 import types
 import typing
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union
@@ -22,6 +21,19 @@ from typing import Any, Union
 import yaml
 
 from fastdino.errors import UsageError
+from fastdino.rules import (
+    area_fractions,
+    between,
+    choices,
+    non_negative,
+    optional,
+    positive,
+    Rule,
+    show,
+    unit_interval,
+    zero_is_off,
+    zero_means,
+)
 
 Switch = Union[bool, str]  # True, False or "auto" (on where the device supports it)
 
@@ -157,67 +169,6 @@ class Config:
     saveckp_freq: int = 20  # keep a numbered copy every this many epochs; 0 disables
     resume: bool = True  # continue the run in output_dir; false: start over there (its files are moved aside)
 
-
-def show(value: Any) -> str:
-    """A value as it is typed in a `key=value` override (true, null, [0.4, 1.0], '' for the empty string)."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if value is None:
-        return "null"
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(show(item) for item in value) + "]"
-    if isinstance(value, dict):
-        return "{" + ", ".join(f"{key}: {show(item)}" for key, item in value.items()) + "}"
-    return "''" if value == "" else str(value)
-
-
-@dataclass(frozen=True)
-class Rule:
-    """What one value must satisfy: `allows` decides, `allowed` says it in words (the tail of the message)."""
-
-    allowed: str
-    allows: Callable[[Any], bool]
-
-    def problem(self, name: str, value: Any) -> str | None:
-        """`name=value: allowed` when `value` breaks the rule, else None."""
-        return None if self.allows(value) else f"{name}={show(value)}: {self.allowed}"
-
-
-def between(low: float, high: float, *, high_open: bool = False, low_open: bool = False) -> Rule:
-    """low <= value <= high; an open end excludes that bound."""
-
-    def allows(value: float) -> bool:
-        return (low < value if low_open else low <= value) and (value < high if high_open else value <= high)
-
-    return Rule(f"must be in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}", allows)
-
-
-def choices(*options: str) -> Rule:
-    """One of `options`, spelt exactly."""
-    return Rule(f"must be one of {', '.join(options)}", lambda value: value in options)
-
-
-def optional(rule: Rule, meaning: str) -> Rule:
-    """`rule`, or null standing for `meaning`."""
-    return Rule(f"{rule.allowed}, or null ({meaning})", lambda value: value is None or rule.allows(value))
-
-
-def zero_means(meaning: str) -> Rule:
-    """>= 0, where 0 has a meaning of its own that the message says."""
-    return Rule(f"must be >= 0 (0: {meaning})", lambda value: value >= 0)
-
-
-positive = Rule("must be > 0", lambda value: value > 0)
-non_negative = Rule("must be >= 0", lambda value: value >= 0)
-zero_is_off = zero_means("off")
-unit_interval = between(0, 1)
-area_fractions = Rule("must be [low, high] area fractions with 0 < low <= high <= 1",
-                      lambda value: 0 < value[0] <= value[1] <= 1)
-existing_folder = Rule("must be an existing folder", lambda value: Path(value).expanduser().is_dir())
-existing_file = Rule("must be an existing file", lambda value: Path(value).expanduser().is_file())
-existing_path = Rule("must be an existing file or folder", lambda value: Path(value).expanduser().exists())
-not_a_file = Rule("must be a folder (created if missing), not a file",
-                  lambda value: not Path(value).expanduser().is_file())
 
 # One rule per key, checked whenever the key is set (after its type); keys absent here are checked for type only.
 RULES: dict[str, Rule] = {
@@ -502,36 +453,3 @@ def config_from_dict(content: dict[str, Any]) -> Config:
         set_value(config, key, value)
     validate(config)
     return config
-
-
-class HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """Descriptions and epilogs as written; each option's help ends with its default, when it has one and does not
-    already say it."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        shown = action.option_strings and action.default not in (None, False, argparse.SUPPRESS)
-        said = "default" in action.help.lower()  # the help already says it in words
-        return action.help if said or not shown else f"{action.help} (default: %(default)s)"
-
-
-class CheckedArgumentParser(argparse.ArgumentParser):
-    """The commands' argument parser: parsed options are checked against `rules` (option -> Rule, e.g.
-    `{"--batch-size": positive}`; list values item by item; None, an option not given, passes), and every
-    error, argparse's own included, is a UsageError: one line and exit code 2 under `report_usage_errors`.
-    `--help` shows every option's default (`HelpFormatter`)."""
-
-    def __init__(self, *args: Any, rules: Mapping[str, Rule] | None = None, **kwargs: Any) -> None:
-        super().__init__(*args, formatter_class=kwargs.pop("formatter_class", HelpFormatter), **kwargs)
-        self.rules = dict(rules or {})
-
-    def parse_known_args(self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None):
-        options, extras = super().parse_known_args(args, namespace)
-        for option, rule in self.rules.items():
-            value = getattr(options, option.lstrip("-").replace("-", "_"))
-            for item in value if isinstance(value, (list, tuple)) else [value]:
-                if item is not None and (problem := rule.problem(option, item)):
-                    raise UsageError(problem)
-        return options, extras
-
-    def error(self, message: str) -> typing.NoReturn:
-        raise UsageError(f"{message} (see --help)")

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from fastdino import checkpoint as checkpoint_io
-from fastdino.config import CheckedArgumentParser, existing_path
+from fastdino.rules import CheckedArgumentParser, existing_path
 from fastdino.distributed import full_state_dict
 from fastdino.errors import report_usage_errors
 from fastdino.hub import backbone_state_dict, describe_backbone, load_checkpoint_file, load_pretrained

@@ -21,7 +21,8 @@ import os
 
 import torch
 
-from fastdino.config import Config, ConfigError, Rule, knn_requested_by
+from fastdino.config import Config, ConfigError, knn_requested_by
+from fastdino.rules import Rule
 from fastdino.data.datasets import DatasetError, find_images
 from fastdino.kernels.runtime import kernels_usable
 

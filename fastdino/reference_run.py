@@ -28,7 +28,8 @@ import torch
 from torch import nn
 
 from fastdino import checkpoint, sharded_checkpoint
-from fastdino.config import Config, config_to_dict, get_value, set_value, show, validate
+from fastdino.config import Config, config_to_dict, get_value, set_value, validate
+from fastdino.rules import show
 from fastdino.errors import UsageError
 from fastdino.hub import load_checkpoint_file
 from fastdino.resume_policy import flatten

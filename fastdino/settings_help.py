@@ -9,7 +9,8 @@ import textwrap
 import tokenize
 from dataclasses import fields, is_dataclass
 
-from fastdino.config import Config, show
+from fastdino.config import Config
+from fastdino.rules import show
 
 
 def _field_comments(section: type) -> dict[str, str]:

@@ -13,7 +13,8 @@ import logging
 import os
 import sys
 
-from fastdino.config import CheckedArgumentParser, load_config
+from fastdino.config import load_config
+from fastdino.rules import CheckedArgumentParser
 from fastdino.errors import report_usage_errors
 from fastdino.preflight import check_runnable
 from fastdino.settings_help import settings_help

@@ -10,7 +10,8 @@ import pytest
 from test_config_validation import config_keys
 
 from fastdino import cli
-from fastdino.config import Config, get_value, show
+from fastdino.config import Config, get_value
+from fastdino.rules import show
 from fastdino.settings_help import settings
 
 REPO = Path(__file__).resolve().parents[1]

@@ -19,7 +19,8 @@ from PIL import Image  # noqa: E402
 from torch import nn  # noqa: E402
 from torchvision import transforms  # noqa: E402
 
-from fastdino.config import RULES, CheckedArgumentParser, between, existing_path, not_a_file  # noqa: E402
+from fastdino.config import RULES  # noqa: E402
+from fastdino.rules import CheckedArgumentParser, between, existing_path, not_a_file  # noqa: E402
 from fastdino.data import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 from fastdino.data.datasets import find_images, load_rgb  # noqa: E402
 from fastdino.errors import report_usage_errors  # noqa: E402

@@ -25,7 +25,8 @@ from torch.utils.data import DataLoader, Subset
 from torchvision import transforms
 
 from fastdino import checkpoint as checkpoint_io
-from fastdino.config import RULES, CheckedArgumentParser, Rule, existing_folder, existing_path, not_a_file, positive
+from fastdino.config import RULES
+from fastdino.rules import CheckedArgumentParser, Rule, existing_folder, existing_path, not_a_file, positive
 from fastdino.data import IMAGENET_MEAN, IMAGENET_STD, ImageFolderDataset
 from fastdino.distributed import init_distributed, print_on_rank0, rank_and_world_size
 from fastdino.errors import report_usage_errors

@@ -41,7 +41,8 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision import transforms
 
 from fastdino import checkpoint as checkpoint_io
-from fastdino.config import RULES, CheckedArgumentParser, existing_file, existing_folder, not_a_file, positive
+from fastdino.config import RULES
+from fastdino.rules import CheckedArgumentParser, existing_file, existing_folder, not_a_file, positive
 from fastdino.data import IMAGENET_MEAN, IMAGENET_STD, ImageFolderDataset, epoch_batches
 from fastdino.data.torch_loader import SeededSamples
 from fastdino.distributed import init_distributed, print_on_rank0, rank_and_world_size, unwrap
