@@ -55,7 +55,7 @@ def load_checkpoint_file(path: str | os.PathLike) -> Mapping:
     checkpoints' own types allowed) or a sharded `checkpoint_dcp/` folder (its networks only)."""
     path = Path(path)
     if path.is_dir():
-        return sharded_checkpoint.read_networks(path)
+        return sharded_checkpoint.read_unsharded(path, ("teacher", "student"))
     content = checkpoint_io.load(path, allowed_globals=_reference_checkpoint_globals())
     if not isinstance(content, Mapping):
         raise checkpoint_io.CheckpointError(

@@ -383,13 +383,10 @@ def _check_written(out: Path, state: Mapping[str, Any]) -> None:
 
 
 def export_reference_run(source: str | Path, out: str | Path) -> str:
-    """Write the fastdino run saved in `source` (a checkpoint.pth) as a main_dino.py checkpoint at `out`, read it back
-    and check it; returns the one-line description."""
+    """Write the fastdino run saved in `source` (a checkpoint.pth, or a sharded run's checkpoint_dcp/ folder, read
+    unsharded) as a main_dino.py checkpoint at `out`, read it back and check it; returns the one-line description."""
     source, out = Path(source), Path(out)
-    if source.is_dir():
-        raise ReferenceRunError(f"{source} is a sharded checkpoint folder; --format reference-run reads a "
-                                "checkpoint.pth (written by runs of one process or distributed.strategy=ddp)")
-    state = checkpoint.load(source)
+    state = sharded_checkpoint.read_unsharded(source) if source.is_dir() else checkpoint.load(source)
     if not isinstance(state, Mapping) or "config" not in state:
         raise ReferenceRunError(f"{source} is not a fastdino training checkpoint (no config in it)")
     saved = reference_checkpoint(state, source)

@@ -177,19 +177,34 @@ def read_plain(path: str | Path) -> dict[str, Any]:
     return checkpoint.load(Path(path) / PLAIN_FILE)
 
 
-def read_networks(path: str | Path, networks: tuple[str, ...] = ("teacher", "student")) -> dict[str, Any]:
-    """The full (unsharded) weights of `networks` from a sharded checkpoint, in one process and without a training
-    state to load into: {"teacher": {name: tensor}, ...}, read as data like every checkpoint."""
+def read_unsharded(path: str | Path, entries: tuple[str, ...] | None = None) -> dict[str, Any]:
+    """The training state saved at `path` (all of it, or its top-level `entries`), unsharded in this one process and
+    without a training state to load into: nested as a one-process `Trainer.state_dict()` holds it (optimizer state
+    and groups by parameter name), with the plain entries when all is read. Read as data like every checkpoint."""
     path = _complete(path)
-    metadata = read_metadata(path).state_dict_metadata
-    flat = {name: torch.empty(entry.size, dtype=entry.properties.dtype) for name, entry in metadata.items()
-            if name.split(".", 1)[0] in networks and hasattr(entry, "size")}
+    metadata = read_metadata(path)
+    paths = metadata.planner_data  # DCP's record of how it flattened the nested state: name -> (key, key, index, ...)
+    flat = {name: torch.empty(entry.size, dtype=entry.properties.dtype) if hasattr(entry, "size") else None
+            for name, entry in metadata.state_dict_metadata.items()
+            if entries is None or paths[name][0] in entries}  # None: a non-tensor entry, filled in by the load
     _load_as_data(flat, path, no_dist=True)
-    weights: dict[str, Any] = {network: {} for network in networks}
-    for name, tensor in flat.items():
-        network, key = name.split(".", 1)
-        weights[network][key] = tensor
-    return weights
+    nested: dict[Any, Any] = {}
+    for name, value in flat.items():
+        *parents, leaf = paths[name]
+        node = nested
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    state = _lists_restored(nested)
+    return state if entries is not None else {**state, **read_plain(path)}
+
+
+def _lists_restored(node: Any) -> Any:
+    """DCP flattens a list (the optimizer's param_groups) by index: a dict whose keys are all ints was a list."""
+    if not isinstance(node, dict):
+        return node
+    node = {key: _lists_restored(value) for key, value in node.items()}
+    return [node[index] for index in range(len(node))] if node and all(isinstance(key, int) for key in node) else node
 
 
 def _causes(error: dcp.CheckpointException) -> list[BaseException]:

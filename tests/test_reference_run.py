@@ -129,7 +129,7 @@ def test_fastdino_continues_a_reference_run_as_the_reference_does(reference, tmp
 
 def _fsdp_scenario(ctx, work, data) -> None:
     """Two ranks continue the reference run under FSDP (batch 2 each: the reference's total batch); rank 0 writes the
-    full state they hold."""
+    full state they hold, and all save their shards."""
     trainer = Trainer(fastdino_config(data, work / "fsdp", work / "checkpoint.pth", "data.batch_size_per_gpu=2",
                                       "distributed.strategy=fsdp"), ctx)
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -138,9 +138,10 @@ def _fsdp_scenario(ctx, work, data) -> None:
     if ctx.is_main:
         torch.save({"step": trainer.step, "student": student, "teacher": teacher, "center": trainer.dino_loss.center,
                     "moments": optimizer["state"]}, work / "fsdp_state.pth")
+    trainer.save()  # at the epoch end it resumed from: the reference's checkpoint, sharded
 
 
-def test_fsdp_ranks_load_a_reference_run_by_name(reference, tmp_path):
+def test_fsdp_ranks_load_a_reference_run_by_name_and_export_it_back_from_their_shards(reference, tmp_path):
     root, images = reference
     shutil.copy(root / "ref" / "checkpoint.pth", tmp_path / "checkpoint.pth")
     run_on_two_ranks(_fsdp_scenario, tmp_path, images)
@@ -150,6 +151,18 @@ def test_fsdp_ranks_load_a_reference_run_by_name(reference, tmp_path):
     assert loaded["step"] == 2 * STEPS_PER_EPOCH
     assert_identical({key: loaded[key] for key in ("student", "teacher", "center")}, reference_networks(loop))
     assert_identical(loaded["moments"], moments_by_name(loop.student, loop.optimizer))
+
+    exported = tmp_path / "back" / "checkpoint.pth"
+    export_main([str(tmp_path / "fsdp" / "checkpoint_dcp"), "--format", "reference-run", "--out", str(exported)])
+    ours, theirs = read_reference_checkpoint(exported), read_reference_checkpoint(tmp_path / "checkpoint.pth")
+    assert_identical({key: ours[key] for key in ("student", "teacher", "dino_loss", "epoch")},
+                     {key: theirs[key] for key in ("student", "teacher", "dino_loss", "epoch")})
+    assert_identical(ours["optimizer"]["state"], theirs["optimizer"]["state"])  # main_dino.py's own numbering
+    for group, reference_group in zip(ours["optimizer"]["param_groups"], theirs["optimizer"]["param_groups"],
+                                      strict=True):
+        assert group["params"] == reference_group["params"]
+        assert (group["lr"], group["weight_decay"]) == (reference_group["lr"], reference_group["weight_decay"])
+    assert (ours["args"].batch_size_per_gpu, ours["args"].world_size) == (2, 2)  # the two ranks' run
 
 
 def rewrite_as_old_torch_and_numpy(source, target) -> None:
