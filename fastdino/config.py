@@ -10,13 +10,11 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import math
-import types
 import typing
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import yaml
 
@@ -25,18 +23,19 @@ from fastdino.rules import (
     area_fractions,
     between,
     choices,
+    convert,
+    expected_type,
+    INVALID,
     non_negative,
     optional,
     positive,
     Rule,
     show,
+    Switch,
     unit_interval,
     zero_is_off,
     zero_means,
 )
-
-Switch = Union[bool, str]  # True, False or "auto" (on where the device supports it)
-
 
 class ConfigError(UsageError, ValueError):
     """A configuration file or override that cannot be used; the message says how to fix it."""
@@ -227,65 +226,6 @@ RULES: dict[str, Rule] = {
                              lambda value: value == "" or Path(value).expanduser().is_file()),
 }
 
-_INVALID = object()  # what `_convert` returns for a value of the wrong type
-
-
-def _convert(value: Any, annotation: Any) -> Any:
-    """`value` as the type `annotation` describes, or _INVALID."""
-    if annotation == Switch:
-        return value if isinstance(value, bool) or value == "auto" else _INVALID
-    origin = typing.get_origin(annotation)
-    if origin in (Union, types.UnionType):
-        if value is None and type(None) in typing.get_args(annotation):
-            return None
-        for option in typing.get_args(annotation):
-            if option is not type(None) and (converted := _convert(value, option)) is not _INVALID:
-                return converted
-        return _INVALID
-    if origin is tuple:
-        item_types = typing.get_args(annotation)
-        if not isinstance(value, (list, tuple)) or len(value) != len(item_types):
-            return _INVALID
-        items = tuple(_convert(item, item_type) for item, item_type in zip(value, item_types))
-        return _INVALID if any(item is _INVALID for item in items) else items
-    if annotation is bool:
-        return value if isinstance(value, bool) else _INVALID
-    if annotation is int:
-        return value if isinstance(value, int) and not isinstance(value, bool) else _INVALID
-    if annotation is float:
-        return _finite_float(value)
-    if annotation is str:
-        if isinstance(value, str):
-            return value
-        return str(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else _INVALID
-    raise TypeError(f"config annotation {annotation} has no conversion")
-
-
-def _finite_float(value: Any) -> Any:
-    if isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
-        try:
-            value = float(value)
-        except ValueError:
-            return _INVALID
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        return _INVALID
-    return float(value)
-
-
-def _expected(annotation: Any) -> str:
-    """The type `annotation` describes, in words."""
-    if annotation == Switch:
-        return "true, false or auto"
-    origin = typing.get_origin(annotation)
-    if origin in (Union, types.UnionType):
-        options = typing.get_args(annotation)
-        words = " or ".join(_expected(option) for option in options if option is not type(None))
-        return f"{words} or null" if type(None) in options else words
-    if origin is tuple:
-        return f"a list of {len(typing.get_args(annotation))} numbers"
-    return {bool: "true or false", int: "an integer", float: "a finite number", str: "a string"}[annotation]
-
-
 def _valid_keys(obj: Any, prefix: str = "") -> list[str]:
     keys = []
     for f in dataclasses.fields(obj):
@@ -348,9 +288,9 @@ def set_value(config: Config, dotted_key: str, value: Any) -> None:
             set_value(config, f"{dotted_key}.{sub_key}", sub_value)
         return
     annotation = typing.get_type_hints(type(target))[name]
-    converted = _convert(value, annotation)
-    if converted is _INVALID:
-        raise ConfigError(f"{dotted_key}={show(value)}: expected {_expected(annotation)}")
+    converted = convert(value, annotation)
+    if converted is INVALID:
+        raise ConfigError(f"{dotted_key}={show(value)}: expected {expected_type(annotation)}")
     if dotted_key in RULES:
         _enforce(RULES[dotted_key], dotted_key, converted)
     setattr(target, name, converted)

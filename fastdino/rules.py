@@ -1,16 +1,77 @@
-"""What a value must satisfy, said in words: the `Rule`s that settings and command options are checked against,
-and the commands' argument parser that applies them (one line and exit code 2 for a bad option, defaults in
+"""What a value must satisfy, said in words: its type (read from a settings annotation), the `Rule`s that settings
+and command options are checked against, and the commands' argument parser that applies them (one line and exit code 2 for a bad option, defaults in
 `--help`)."""
 from __future__ import annotations
 
 import argparse
+import math
+import types
 import typing
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Union
 
 from fastdino.errors import UsageError
+
+Switch = Union[bool, str]  # True, False or "auto" (on where the device supports it)
+INVALID = object()  # what `convert` returns for a value of the wrong type
+
+
+def convert(value: Any, annotation: Any) -> Any:
+    """`value` as the type `annotation` describes, or INVALID."""
+    if annotation == Switch:
+        return value if isinstance(value, bool) or value == "auto" else INVALID
+    origin = typing.get_origin(annotation)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in typing.get_args(annotation):
+            return None
+        for option in typing.get_args(annotation):
+            if option is not type(None) and (converted := convert(value, option)) is not INVALID:
+                return converted
+        return INVALID
+    if origin is tuple:
+        item_types = typing.get_args(annotation)
+        if not isinstance(value, (list, tuple)) or len(value) != len(item_types):
+            return INVALID
+        items = tuple(convert(item, item_type) for item, item_type in zip(value, item_types))
+        return INVALID if any(item is INVALID for item in items) else items
+    if annotation is bool:
+        return value if isinstance(value, bool) else INVALID
+    if annotation is int:
+        return value if isinstance(value, int) and not isinstance(value, bool) else INVALID
+    if annotation is float:
+        return _finite_float(value)
+    if annotation is str:
+        if isinstance(value, str):
+            return value
+        return str(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else INVALID
+    raise TypeError(f"config annotation {annotation} has no conversion")
+
+
+def _finite_float(value: Any) -> Any:
+    if isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
+        try:
+            value = float(value)
+        except ValueError:
+            return INVALID
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return INVALID
+    return float(value)
+
+
+def expected_type(annotation: Any) -> str:
+    """The type `annotation` describes, in words."""
+    if annotation == Switch:
+        return "true, false or auto"
+    origin = typing.get_origin(annotation)
+    if origin in (Union, types.UnionType):
+        options = typing.get_args(annotation)
+        words = " or ".join(expected_type(option) for option in options if option is not type(None))
+        return f"{words} or null" if type(None) in options else words
+    if origin is tuple:
+        return f"a list of {len(typing.get_args(annotation))} numbers"
+    return {bool: "true or false", int: "an integer", float: "a finite number", str: "a string"}[annotation]
 
 
 def show(value: Any) -> str:
