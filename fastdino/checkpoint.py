@@ -12,7 +12,7 @@ import pickle
 import random
 import re
 import shutil
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import IO, Any
 
@@ -98,10 +98,11 @@ def temporary_path(path: Path) -> Path:
     return path.with_name(f".{path.name}{TEMPORARY_MARK}{os.getpid()}")
 
 
-def save_atomic(state: Any, path: str | Path) -> None:
-    """Write to a temporary file beside `path`, flush it to disk, then rename: a crash at any moment leaves
-    either the previous file or the new one, never a torn one. Raises OSError (with its errno) if the write fails;
-    the temporary file is removed and `path` is untouched."""
+def save_atomic(state: Any, path: str | Path, serialize: Callable[[Any, IO[bytes]], Any] = torch.save) -> None:
+    """Write `state` with `serialize` (torch.save, or another format's writer) to a temporary file beside `path`,
+    flush it to disk, then rename: a crash at any moment leaves either the previous file or the new one, never a
+    torn one. Raises OSError (with its errno) if the write fails; the temporary file is removed and `path` is
+    untouched."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temporary_path(path)
@@ -109,7 +110,7 @@ def save_atomic(state: Any, path: str | Path) -> None:
         with open(tmp, "wb") as handle:
             keeper = _WriteErrorKeeper(handle)
             try:
-                torch.save(state, keeper)
+                serialize(state, keeper)
             except RuntimeError:
                 if keeper.error is not None:
                     raise keeper.error from None

@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval attention": ("fastdino.eval.attention", "per-head self-attention pictures of a checkpoint"),
     "export": ("fastdino.export", "a checkpoint's backbone (reference or timm layout) or whole run (reference-run)"),
 }
+GROUPS = ("eval", "bench")  # first words shared by several commands
 # The benchmarks are scripts of a checkout (they write under bench/results/), not part of the installed package.
 BENCH_DIR = Path(__file__).resolve().parents[1] / "bench"
 
@@ -35,14 +36,18 @@ def _first_docstring_line(script: Path) -> str:
     return (ast.get_docstring(ast.parse(script.read_text())) or "").split("\n\n")[0].replace("\n", " ")
 
 
-def usage() -> str:
-    """`fastdino --help`: every command with one line."""
-    names = [*COMMANDS, "bench NAME"]
-    width = max(map(len, names)) + 4
+def usage(group: str = "") -> str:
+    """`fastdino --help`: every command with one line; `fastdino eval --help` or `fastdino bench --help` (`group`):
+    that group's commands."""
+    meanings = {words: meaning for words, (_, meaning) in COMMANDS.items()}
+    meanings["bench NAME"] = "a benchmark of the checkout's bench/ folder against its baseline:"
+    width = max(map(len, meanings)) + 4
     lines = ["usage: fastdino COMMAND [options]   (`fastdino COMMAND --help` for its options)", "", "commands:"]
-    lines += [f"  {words:<{width}}{meaning}" for words, (_, meaning) in COMMANDS.items()]
-    lines.append(f"  {'bench NAME':<{width}}a benchmark of the checkout's bench/ folder against its baseline:")
-    lines += [f"  {'  ' + name:<{width}}{_first_docstring_line(script)}" for name, script in benchmarks().items()]
+    for words, meaning in meanings.items():
+        if group in ("", words.split()[0]):
+            lines.append(f"  {words:<{width}}{meaning}")
+    if group in ("", "bench"):
+        lines += [f"  {'  ' + name:<{width}}{_first_docstring_line(script)}" for name, script in benchmarks().items()]
     return "\n".join(lines)
 
 
@@ -63,6 +68,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     words = list(sys.argv[1:] if argv is None else argv)
     if not words or words[0] in ("-h", "--help"):
         print(usage())
+        return 0
+    if words[0] in GROUPS and words[1:] in (["-h"], ["--help"]):
+        print(usage(words[0]))
         return 0
     if words[0] == "bench":
         return _run_benchmark(words[1:])

@@ -15,9 +15,9 @@ reference to resume (fastdino.reference_run).
 from __future__ import annotations
 
 import argparse
-import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import IO
 
 import torch
 from torch import nn
@@ -52,18 +52,13 @@ def export_teacher(trainer, path: str | Path | None = None, include_head: bool =
 def write_weights(state_dict: dict[str, torch.Tensor], out: Path) -> None:
     """Atomically write a tensor dict: safetensors for a `.safetensors` name, else a plain `.pth`."""
     tensors = {key: value.detach().to("cpu").contiguous().clone() for key, value in state_dict.items()}
-    if out.suffix != ".safetensors":
-        checkpoint_io.save_atomic(tensors, out)
-        return
-    from safetensors.torch import save_file
+    checkpoint_io.save_atomic(tensors, out, _write_safetensors if out.suffix == ".safetensors" else torch.save)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = checkpoint_io.temporary_path(out)
-    try:
-        save_file(tensors, str(tmp), metadata={"format": "pt"})
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
+
+def _write_safetensors(tensors: dict[str, torch.Tensor], handle: IO[bytes]) -> None:
+    from safetensors.torch import save
+
+    handle.write(save(tensors, metadata={"format": "pt"}))
 
 
 def read_weights(path: Path) -> dict[str, torch.Tensor]:

@@ -28,6 +28,7 @@ from torch import nn
 
 from fastdino import checkpoint as checkpoint_io
 from fastdino import sharded_checkpoint
+from fastdino.errors import UsageError
 from fastdino.models.vit import ARCHITECTURES
 
 # Wrapper prefixes stripped from the front of every key, in any order and number.
@@ -225,8 +226,13 @@ def add_backbone_arguments(parser: argparse.ArgumentParser) -> None:
                         help="where the backbone runs (cuda when there is a GPU)")
 
 
-def backbone_from_arguments(args: argparse.Namespace) -> nn.Module:
-    """`load_pretrained` with the options of `add_backbone_arguments`; gradients off (evaluation only)."""
+def backbone_from_arguments(args: argparse.Namespace, whole_patches: bool = False) -> nn.Module:
+    """`load_pretrained` with the options of `add_backbone_arguments`; gradients off (evaluation only).
+    `whole_patches`: the command feeds `--image-size` crops as they are, which must then cut into whole patches."""
     model = load_pretrained(args.checkpoint, args.arch, patch_size=args.patch_size,
                             checkpoint_key=args.checkpoint_key)
+    patch = model.patch_embed.patch_size
+    if whole_patches and args.image_size % patch:
+        raise UsageError(f"--image-size {args.image_size}: must be a multiple of the backbone's patch "
+                         f"size ({patch}), e.g. {max(patch, args.image_size // patch * patch)}")
     return model.requires_grad_(False)

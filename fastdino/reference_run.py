@@ -386,6 +386,9 @@ def export_reference_run(source: str | Path, out: str | Path) -> str:
     """Write the fastdino run saved in `source` (a checkpoint.pth, or a sharded run's checkpoint_dcp/ folder, read
     unsharded) as a main_dino.py checkpoint at `out`, read it back and check it; returns the one-line description."""
     source, out = Path(source), Path(out)
+    if out.suffix == ".safetensors":
+        raise ReferenceRunError(f"--out {out}: a reference run is the checkpoint.pth main_dino.py resumes (torch.save "
+                                "of tensors and numbers), not safetensors; name it .pth")
     state = sharded_checkpoint.read_unsharded(source) if source.is_dir() else checkpoint.load(source)
     if not isinstance(state, Mapping) or "config" not in state:
         raise ReferenceRunError(f"{source} is not a fastdino training checkpoint (no config in it)")

@@ -158,8 +158,10 @@ def load_sharded(path: str | Path, template: dict[str, Any]) -> dict[str, Any]:
 def _complete(path: str | Path) -> Path:
     path = Path(path)
     if not _is_complete(path):
+        inside = [path / name for name in (checkpoint.LATEST, SHARDED_DIR) if (path / name).exists()]
+        hint = f"; a run folder? pass {inside[0]}" if inside else ""
         raise checkpoint.CheckpointError(
-            f"{path} is not a complete sharded checkpoint (no .metadata or {PLAIN_FILE})")
+            f"{path} is not a complete sharded checkpoint (no .metadata or {PLAIN_FILE}){hint}")
     return path
 
 

@@ -93,3 +93,13 @@ def test_bench_runs_the_checkouts_script_and_unknown_words_are_one_line(capsys, 
             cli.main(words)
         error = capsys.readouterr().err
         assert stop.value.code == 2 and message in error and error.count("\n") == 1, (words, error)
+
+
+@pytest.mark.parametrize("group", ["eval", "bench"])
+def test_a_command_group_help_lists_its_commands(group):
+    result = run(group, "--help")
+    assert result.returncode == 0 and result.stderr == ""
+    listed = {line.strip().split("  ")[0] for line in result.stdout.splitlines() if line.startswith("  ")}
+    expected = ({"eval knn", "eval linear", "eval attention"} if group == "eval" else
+                {"bench NAME", *(path.stem.removeprefix("bench_") for path in (REPO / "bench").glob("bench_*.py"))})
+    assert listed == expected

@@ -159,6 +159,8 @@ def test_export_round_trips_and_loads_into_timm(demo_like_run, tmp_path, name, f
     line = export(run / sharded_checkpoint.SHARDED_DIR, tmp_path / name, format)
     assert line.startswith(f"wrote {tmp_path / name}: the teacher backbone") and "same features" in line
     written = read_weights(tmp_path / name)
+    (tmp_path / "any_file").write_bytes(b"")  # the permissions this user's files get (umask)
+    assert (tmp_path / name).stat().st_mode & 0o777 == (tmp_path / "any_file").stat().st_mode & 0o777
     if name.endswith(".safetensors"):
         with open(tmp_path / name, "rb") as handle:  # a safetensors file: JSON header, no pickle
             assert handle.read(9)[8:9] == b"{"
@@ -182,8 +184,14 @@ def test_export_command_prints_what_it_wrote(demo_like_run, tmp_path):
 
 def test_an_incomplete_sharded_folder_is_one_line(tmp_path):
     (tmp_path / "checkpoint_dcp").mkdir()
-    with pytest.raises(CheckpointError, match="not a complete sharded checkpoint"):
+    with pytest.raises(CheckpointError, match="not a complete sharded checkpoint \\(no .metadata or plain.pt\\)$"):
         load_pretrained(tmp_path / "checkpoint_dcp")
+
+
+def test_a_run_folder_given_as_checkpoint_names_the_checkpoint_in_it(demo_like_run):
+    run, _, _ = demo_like_run
+    with pytest.raises(CheckpointError, match=f"; a run folder\\? pass {run / checkpoint.LATEST}$"):
+        load_pretrained(run)
 
 
 def test_torch_hub_builds_and_loads_the_backbone(demo_like_run):
@@ -191,5 +199,8 @@ def test_torch_hub_builds_and_loads_the_backbone(demo_like_run):
     model = torch.hub.load(str(REPO), "vit_tiny", patch_size=4, weights=str(run / checkpoint.LATEST),
                            source="local")
     assert torch.equal(features(model, 16), features(trainer.teacher.backbone, 16))
+    from_the_file = torch.hub.load(str(REPO), "vit_tiny", weights=str(run / checkpoint.LATEST), source="local")
+    assert torch.equal(features(from_the_file, 16), features(model, 16))  # no patch_size: the file's
     random_init = torch.hub.load(str(REPO), "vit_small", patch_size=8, source="local")
     assert random_init.patch_embed.proj.weight.shape == (384, 3, 8, 8)
+    assert torch.hub.load(str(REPO), "vit_small", source="local").patch_embed.patch_size == 16  # the reference's

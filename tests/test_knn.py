@@ -194,3 +194,19 @@ def test_eval_transform_keeps_the_reference_ratio():
     assert eval_transform(32)(image).shape == (3, 32, 32)
     with pytest.raises(ValueError):
         eval_transform(0)
+
+
+def test_unusable_folders_and_sizes_are_one_line_and_exit_code_2(tmp_path, capsys):
+    colors = {"a": (200, 30, 30), "b": (30, 200, 30)}
+    _write_folder(tmp_path / "train", colors, per_class=2, size=16, seed=0)
+    _write_folder(tmp_path / "val", {**colors, "c": (30, 30, 200)}, per_class=1, size=16, seed=1)
+    checkpoint = export_backbone(vit_tiny(patch_size=8, depth=1), tmp_path / "backbone.pth")
+    argv = ["--checkpoint", str(checkpoint), "--train-dir", str(tmp_path / "train"), "--val-dir",
+            str(tmp_path / "val"), "--num-workers", "0", "--device", "cpu"]
+    for extra, expected in ((["--image-size", "16"], "train and val class folders differ: 2 classes in "),
+                            (["--image-size", "20"], "--image-size 20: must be a multiple of the backbone's patch "
+                                                     "size (8), e.g. 16")):
+        with pytest.raises(SystemExit) as stopped:
+            main([*argv, *extra])
+        error = capsys.readouterr().err
+        assert stopped.value.code == 2 and error.count("\n") == 1 and expected in error, error

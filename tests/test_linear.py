@@ -288,8 +288,20 @@ def test_bad_classifier_weights_are_one_line_and_exit_code_2(probe_data, tmp_pat
     torch.save({"weight": torch.zeros(3, 7), "bias": torch.zeros(3)}, tmp_path / "other.pth")
     line = usage_error(command(probe_data, "--evaluate", "--pretrained-linear", str(tmp_path / "other.pth")), capsys)
     assert "(3, 7)" in line and "(2, 384)" in line and "384 features of the backbone -> 2 classes" in line
+    backbone_instead = usage_error(command(probe_data, "--evaluate", "--pretrained-linear", str(probe_data[2])),
+                                   capsys)
+    tensors = len(checkpoint.load(probe_data[2]))
+    assert (f"holds {tensors} tensors (cls_token, pos_embed, patch_embed.proj.weight, ...), not a linear classifier"
+            in backbone_instead and len(backbone_instead) < 300)
     line = usage_error(command(probe_data, "--evaluate", "--pretrained-linear", str(tmp_path / "missing.pth")),
                        capsys)
     assert "missing.pth" in line and "must be an existing file" in line
     line = usage_error(command(probe_data, "--evaluate", "--output-dir", str(tmp_path / "empty")), capsys)
     assert f"no linear classifier at {tmp_path / 'empty' / checkpoint.LATEST}" in line
+
+
+def test_an_image_size_that_does_not_cut_into_patches_is_one_line(probe_data, capsys):
+    arguments = command(probe_data)
+    arguments[arguments.index("--image-size") + 1] = "15"
+    line = usage_error(arguments, capsys)
+    assert line == "error: --image-size 15: must be a multiple of the backbone's patch size (8), e.g. 8"

@@ -283,3 +283,9 @@ def test_the_reference_continues_an_exported_fastdino_run_as_fastdino_does(tmp_p
     assert exit_code.value.code == 2
     error = capsys.readouterr().err
     assert error.count("\n") == 1 and "saved at step 13, inside epoch 3 (1 of its 4 steps done): main_dino.py " in error
+
+    with pytest.raises(SystemExit) as exit_code:  # main_dino.py reads a torch.save file: refused before writing
+        export_main([str(tmp_path / "run" / "checkpoint.pth"), "--format", "reference-run", "--out",
+                     str(tmp_path / "ref" / "run.safetensors")])
+    assert exit_code.value.code == 2 and "not safetensors; name it .pth" in capsys.readouterr().err
+    assert not (tmp_path / "ref" / "run.safetensors").exists()

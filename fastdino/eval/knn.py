@@ -27,7 +27,7 @@ from torchvision import transforms
 from fastdino import checkpoint as checkpoint_io
 from fastdino.config import RULES
 from fastdino.rules import CheckedArgumentParser, Rule, existing_folder, existing_path, not_a_file, positive
-from fastdino.data import IMAGENET_MEAN, IMAGENET_STD, ImageFolderDataset
+from fastdino.data import IMAGENET_MEAN, IMAGENET_STD, DatasetError, ImageFolderDataset
 from fastdino.distributed import init_distributed, print_on_rank0, rank_and_world_size
 from fastdino.errors import report_usage_errors
 
@@ -168,9 +168,9 @@ def _labelled_folders(train_dir: str | os.PathLike, val_dir: str | os.PathLike, 
     train_set = ImageFolderDataset(train_dir, transform)
     val_set = ImageFolderDataset(val_dir, transform)
     if not train_set.classes:
-        raise ValueError(f"{train_dir} is a flat folder of images; kNN evaluation needs class sub-folders")
+        raise DatasetError(f"{train_dir} is a flat folder of images; kNN evaluation needs class sub-folders")
     if train_set.classes != val_set.classes:
-        raise ValueError(f"train and val class folders differ: {len(train_set.classes)} classes in {train_dir}, "
+        raise DatasetError(f"train and val class folders differ: {len(train_set.classes)} classes in {train_dir}, "
                          f"{len(val_set.classes)} in {val_dir}; labels would not correspond")
     return train_set, val_set
 
@@ -217,6 +217,10 @@ def _cached_dataset_features(backbone: nn.Module, dataset, args: argparse.Namesp
     return features, labels
 
 
+# data-loading processes of the eval commands: 8, or fewer on a machine with fewer cores (more only wait)
+EVAL_WORKERS = min(8, os.cpu_count() or 1)
+
+
 def backbone_option_rules() -> dict[str, Rule]:
     """The rules of the options `hub.add_backbone_arguments` adds (shared by the fastdino.eval commands)."""
     from fastdino.preflight import device_option
@@ -244,14 +248,14 @@ def main(argv: Sequence[str] | None = None) -> dict[int, dict[str, float | None]
                         help="numbers of neighbours (20 is usually best); values above the train size are skipped")
     parser.add_argument("--temperature", type=float, default=0.07, help="vote weight exp(similarity / temperature)")
     parser.add_argument("--batch-size", type=int, default=128, help="images per forward pass, per process")
-    parser.add_argument("--num-workers", type=int, default=8, help="data-loading processes per process")
+    parser.add_argument("--num-workers", type=int, default=EVAL_WORKERS, help="data-loading processes per process")
     parser.add_argument("--amp", action="store_true", help="extract under bf16 autocast on CUDA (the reference: fp32)")
     parser.add_argument("--cache-dir", default=None,
                         help="keep extracted features here, keyed by checkpoint file, folder and settings")
     args = parser.parse_args(argv)
 
     device = init_distributed(args.device).device
-    backbone = backbone_from_arguments(args).to(device)
+    backbone = backbone_from_arguments(args, whole_patches=True).to(device)
     train_set, val_set = _labelled_folders(args.train_dir, args.val_dir, eval_transform(args.image_size))
     print_on_rank0(f"{len(train_set)} train and {len(val_set)} val images, {len(train_set.classes)} classes")
     train_features, train_labels = _cached_dataset_features(backbone, train_set, args, device, args.train_dir)

@@ -47,7 +47,7 @@ from fastdino.data import IMAGENET_MEAN, IMAGENET_STD, ImageFolderDataset, epoch
 from fastdino.data.torch_loader import SeededSamples
 from fastdino.distributed import init_distributed, print_on_rank0, rank_and_world_size, unwrap
 from fastdino.errors import UsageError, report_usage_errors
-from fastdino.eval.knn import backbone_option_rules, eval_transform
+from fastdino.eval.knn import EVAL_WORKERS, backbone_option_rules, eval_transform
 
 # Per step: (this process's features [b, F], labels [b], size of the global batch they belong to); b may be 0.
 TrainBatches = Callable[[int], Iterable[tuple[torch.Tensor, torch.Tensor, int]]]
@@ -328,8 +328,10 @@ def load_linear_weights(source: str | os.PathLike, in_features: int, num_classes
     shapes = {key: tuple(value.shape) for key, value in weights.items() if isinstance(value, torch.Tensor)}
     expected = {"weight": (num_classes, in_features), "bias": (num_classes,)}
     if shapes != expected or len(weights) != 2:
-        raise UsageError(f"{path} holds linear weights {shapes or 'of no known layout'}, this probe needs {expected} "
-                         f"({in_features} features of the backbone -> {num_classes} classes)")
+        held = (f"linear weights {shapes or 'of no known layout'}" if len(shapes) <= 2 else
+                f"{len(shapes)} tensors ({', '.join(list(shapes)[:3])}, ...), not a linear classifier")
+        raise UsageError(f"{path} holds {held}; this probe needs {expected} ({in_features} features of the backbone "
+                         f"-> {num_classes} classes)")
     return weights
 
 
@@ -384,7 +386,7 @@ def _parse_arguments(argv: Sequence[str] | None):
                              "is this times the number of processes")
     parser.add_argument("--lr", type=float, default=0.001,
                         help="learning rate for a global batch of 256, scaled linearly with the global batch")
-    parser.add_argument("--num-workers", type=int, default=8, help="data-loading processes per process")
+    parser.add_argument("--num-workers", type=int, default=EVAL_WORKERS, help="data-loading processes per process")
     parser.add_argument("--seed", type=int, default=0, help="classifier init, image order and augmentation")
     parser.add_argument("--amp", action="store_true", help="backbone under bf16 autocast on CUDA")
     parser.add_argument("--output-dir", default=None,
@@ -409,7 +411,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
     args = _parse_arguments(argv)
     device = init_distributed(args.device).device
-    backbone = backbone_from_arguments(args)
+    backbone = backbone_from_arguments(args, whole_patches=True)
     n_last_blocks, avgpool = _feature_rule(backbone, args.n_last_blocks, args.avgpool)
     if args.evaluate:
         source = args.pretrained_linear or Path(args.output_dir) / checkpoint_io.LATEST
