@@ -37,6 +37,7 @@ from fastdino.rules import (
     zero_means,
 )
 
+
 class ConfigError(UsageError, ValueError):
     """A configuration file or override that cannot be used; the message says how to fix it."""
 
