@@ -153,6 +153,7 @@ class Trainer:
         # strict=False: a parameter that never had a gradient yet (the frozen last layer) has no optimizer state
         optimizer_options = StateDictOptions(full_state_dict=full, strict=False)
         set_optimizer_state_dict(self.student, self.optimizer, state["optimizer"], options=optimizer_options)
+        self._forget_moments_not_in(state["optimizer"]["state"])
         self.dino_loss.load_state_dict(state["dino_loss"])
         if "guard" in state:  # absent from checkpoints written before the guard: it starts fresh
             self.guard.load_state_dict(state["guard"])
@@ -164,6 +165,14 @@ class Trainer:
             checkpoint.restore_rng_state(rng[self.ctx.rank])
         else:  # more ranks than the run that saved: fresh stochastic-depth draws for the new ranks
             torch.manual_seed(self.config.seed + 1 + self.ctx.rank + self.step)
+
+    def _forget_moments_not_in(self, saved: dict[str, Any]) -> None:
+        """A full state loaded into FSDP is merged into the optimizer's own, which torch first creates with one
+        zero-gradient step of every parameter: a parameter the checkpoint holds no moments for (the last layer while
+        frozen) would keep that state and count a step it never took once it trains."""
+        for name, param in self.student.named_parameters():
+            if reference_run.canonical_name(name) not in saved:
+                self.optimizer.state.pop(param, None)
 
     def resume(self, path: Path) -> None:
         """Continue the run saved at `path`, after checking that the settings allow it (fastdino.resume_policy)."""

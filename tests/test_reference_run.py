@@ -165,6 +165,42 @@ def test_fsdp_ranks_load_a_reference_run_by_name_and_export_it_back_from_their_s
     assert (ours["args"].batch_size_per_gpu, ours["args"].world_size) == (2, 2)  # the two ranks' run
 
 
+def _fsdp_continue_scenario(ctx, work, data) -> None:
+    """Two FSDP ranks continue the reference run saved after epoch 0 (the last layer frozen: no moments for it) through
+    epoch 1, each on its half of every batch; rank 0 writes the full state they reach."""
+    trainer = Trainer(fastdino_config(data, work / "fsdp", work / "checkpoint0000.pth", "data.batch_size_per_gpu=2",
+                                      "distributed.strategy=fsdp"), ctx)
+    for it in range(STEPS_PER_EPOCH, 2 * STEPS_PER_EPOCH):
+        trainer.train_step([crop[2 * ctx.rank:2 * ctx.rank + 2] for crop in crops(it)])
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    student, optimizer = get_state_dict(trainer.student, trainer.optimizer, options=options)
+    teacher = get_model_state_dict(trainer.teacher, options=options)
+    if ctx.is_main:
+        torch.save({"student": student, "teacher": teacher, "center": trainer.dino_loss.center,
+                    "moments": optimizer["state"]}, work / "fsdp_state.pth")
+
+
+def test_fsdp_ranks_continue_a_reference_run_through_the_last_layers_unfreezing(reference, tmp_path):
+    root, images = reference
+    shutil.copy(root / "ref" / "checkpoint0000.pth", tmp_path / "checkpoint0000.pth")
+    run_on_two_ranks(_fsdp_continue_scenario, tmp_path, images)
+    ours = torch.load(tmp_path / "fsdp_state.pth", weights_only=True)
+    loop = ReferenceLoop(reference_args(**RECIPE), STEPS_PER_EPOCH)
+    loop.restart_from(tmp_path / "checkpoint0000.pth")
+    for it in range(STEPS_PER_EPOCH, 2 * STEPS_PER_EPOCH):
+        loop.train_step(crops(it), it)
+    theirs = moments_by_name(loop.student, loop.optimizer)
+    # AdamW's step count sets its bias correction: the last layer took the 4 steps of epoch 1, the rest 8
+    assert {name: int(entry["step"]) for name, entry in ours["moments"].items()} == \
+        {name: int(entry["step"]) for name, entry in theirs.items()}
+    total_lr = float(sum(loop.lr_schedule[STEPS_PER_EPOCH:2 * STEPS_PER_EPOCH]))
+    for key, reference_state in reference_networks(loop).items():
+        if key == "center":
+            torch.testing.assert_close(ours[key], reference_state, rtol=1e-5, atol=1e-7)
+        else:
+            assert_agree(ours[key], reference_state, total_lr)
+
+
 def rewrite_as_old_torch_and_numpy(source, target) -> None:
     """`source` as torch < 1.12 and numpy 1.x wrote it: Adam's step a Python int, numpy scalars pickled under
     `numpy.core.multiarray` (torch.save pickles with protocol 2: text GLOBAL opcodes, rewritten in its data.pkl)."""
