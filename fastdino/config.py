@@ -75,7 +75,7 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    optimizer: str = "adamw"  # adamw (the reference's default and the only one supported)
+    optimizer: str = "adamw"  # adamw (the reference's default) or sgd (momentum 0.9, as the reference's); no lars
     lr: float = 0.0005  # peak lr for a total batch of 256, scaled linearly with the batch
     min_lr: float = 1e-6  # lr at the end of the cosine decay
     warmup_epochs: int = 10  # epochs of linear lr warmup from 0

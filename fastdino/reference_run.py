@@ -340,8 +340,8 @@ def reference_checkpoint(state: Mapping[str, Any], source: Any) -> dict[str, Any
     if within:
         raise ReferenceRunError(f"{source} was saved at step {state['step']}, inside epoch {epoch} ({within} of its "
                                 f"{state['steps_per_epoch']} steps done): main_dino.py resumes only at epoch ends; "
-                                "export a checkpoint written at one (the run's checkpoint.pth after an epoch, or a "
-                                "numbered checkpointNNNN.pth)")
+                                "export a checkpoint written at one (the run's checkpoint.pth or checkpoint_dcp/ after "
+                                "an epoch, or a numbered checkpointNNNN.pth or checkpointNNNN_dcp/)")
     student = {name: state["student"][name] for name in sorted(state["student"], key=reference_order)}
     groups = reference_parameter_groups(student, settings["model.norm_last_layer"])
     ours = state["optimizer"]

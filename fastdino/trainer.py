@@ -208,8 +208,9 @@ class Trainer:
         images = within * old_batch
         step = epoch * len(self.loader) + min(images // self.global_batch, len(self.loader))
         if self.ctx.is_main:
-            log.info("resuming a run saved by %d processes x batch %d with %d x %d: continuing by images seen, at "
-                     "image %d of epoch %d (step %d there, step %d here); the lr follows the new total batch",
+            log.info("resuming a run saved at %d x %d (processes x batch per process) with %d x %d: continuing by "
+                     "images seen, at image %d of epoch %d (step %d there, step %d here); the lr follows the new "
+                     "total batch",
                      old_world, old_batch // old_world, self.ctx.world_size, self.config.data.batch_size_per_gpu,
                      images, epoch, state["step"], step)
         state["step"] = step
