@@ -127,27 +127,42 @@ def test_fastdino_continues_a_reference_run_as_the_reference_does(reference, tmp
     continue_both(trainer, loop, epoch * STEPS_PER_EPOCH)
 
 
-def _fsdp_scenario(ctx, work, data) -> None:
-    """Two ranks continue the reference run under FSDP (batch 2 each: the reference's total batch); rank 0 writes the
-    full state they hold, and all save their shards."""
-    trainer = Trainer(fastdino_config(data, work / "fsdp", work / "checkpoint.pth", "data.batch_size_per_gpu=2",
-                                      "distributed.strategy=fsdp"), ctx)
+def _fsdp_trainer(ctx, work, data, source) -> Trainer:
+    """Two ranks continuing the reference run `source` under FSDP (batch 2 each: the reference's total batch)."""
+    return Trainer(fastdino_config(data, work / "fsdp", source, "data.batch_size_per_gpu=2",
+                                   "distributed.strategy=fsdp"), ctx)
+
+
+def _save_full_state(trainer, ctx, path) -> None:
+    """The full (gathered) state the FSDP ranks hold, written by rank 0 with torch's own state-dict functions."""
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     student, optimizer = get_state_dict(trainer.student, trainer.optimizer, options=options)
     teacher = get_model_state_dict(trainer.teacher, options=options)
     if ctx.is_main:
         torch.save({"step": trainer.step, "student": student, "teacher": teacher, "center": trainer.dino_loss.center,
-                    "moments": optimizer["state"]}, work / "fsdp_state.pth")
+                    "moments": optimizer["state"]}, path)
+
+
+def _fsdp_scenario(ctx, work, data) -> None:
+    """The ranks load the reference run; rank 0 writes the full state they hold, and all save their shards."""
+    trainer = _fsdp_trainer(ctx, work, data, work / "checkpoint.pth")
+    _save_full_state(trainer, ctx, work / "fsdp_state.pth")
     trainer.save()  # at the epoch end it resumed from: the reference's checkpoint, sharded
 
 
-def test_fsdp_ranks_load_a_reference_run_by_name_and_export_it_back_from_their_shards(reference, tmp_path):
+def fsdp_and_reference(reference, tmp_path, name, scenario) -> tuple[dict, ReferenceLoop]:
+    """The full state two FSDP ranks reach in `scenario` from the reference's checkpoint `name`, and the reference's
+    loop restarted from the same file."""
     root, images = reference
-    shutil.copy(root / "ref" / "checkpoint.pth", tmp_path / "checkpoint.pth")
-    run_on_two_ranks(_fsdp_scenario, tmp_path, images)
-    loaded = torch.load(tmp_path / "fsdp_state.pth", weights_only=True)
+    shutil.copy(root / "ref" / name, tmp_path / name)
+    run_on_two_ranks(scenario, tmp_path, images)
     loop = ReferenceLoop(reference_args(**RECIPE), STEPS_PER_EPOCH)
-    loop.restart_from(tmp_path / "checkpoint.pth")
+    loop.restart_from(tmp_path / name)
+    return torch.load(tmp_path / "fsdp_state.pth", weights_only=True), loop
+
+
+def test_fsdp_ranks_load_a_reference_run_by_name_and_export_it_back_from_their_shards(reference, tmp_path):
+    loaded, loop = fsdp_and_reference(reference, tmp_path, "checkpoint.pth", _fsdp_scenario)
     assert loaded["step"] == 2 * STEPS_PER_EPOCH
     assert_identical({key: loaded[key] for key in ("student", "teacher", "center")}, reference_networks(loop))
     assert_identical(loaded["moments"], moments_by_name(loop.student, loop.optimizer))
@@ -168,25 +183,14 @@ def test_fsdp_ranks_load_a_reference_run_by_name_and_export_it_back_from_their_s
 def _fsdp_continue_scenario(ctx, work, data) -> None:
     """Two FSDP ranks continue the reference run saved after epoch 0 (the last layer frozen: no moments for it) through
     epoch 1, each on its half of every batch; rank 0 writes the full state they reach."""
-    trainer = Trainer(fastdino_config(data, work / "fsdp", work / "checkpoint0000.pth", "data.batch_size_per_gpu=2",
-                                      "distributed.strategy=fsdp"), ctx)
+    trainer = _fsdp_trainer(ctx, work, data, work / "checkpoint0000.pth")
     for it in range(STEPS_PER_EPOCH, 2 * STEPS_PER_EPOCH):
         trainer.train_step([crop[2 * ctx.rank:2 * ctx.rank + 2] for crop in crops(it)])
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    student, optimizer = get_state_dict(trainer.student, trainer.optimizer, options=options)
-    teacher = get_model_state_dict(trainer.teacher, options=options)
-    if ctx.is_main:
-        torch.save({"student": student, "teacher": teacher, "center": trainer.dino_loss.center,
-                    "moments": optimizer["state"]}, work / "fsdp_state.pth")
+    _save_full_state(trainer, ctx, work / "fsdp_state.pth")
 
 
 def test_fsdp_ranks_continue_a_reference_run_through_the_last_layers_unfreezing(reference, tmp_path):
-    root, images = reference
-    shutil.copy(root / "ref" / "checkpoint0000.pth", tmp_path / "checkpoint0000.pth")
-    run_on_two_ranks(_fsdp_continue_scenario, tmp_path, images)
-    ours = torch.load(tmp_path / "fsdp_state.pth", weights_only=True)
-    loop = ReferenceLoop(reference_args(**RECIPE), STEPS_PER_EPOCH)
-    loop.restart_from(tmp_path / "checkpoint0000.pth")
+    ours, loop = fsdp_and_reference(reference, tmp_path, "checkpoint0000.pth", _fsdp_continue_scenario)
     for it in range(STEPS_PER_EPOCH, 2 * STEPS_PER_EPOCH):
         loop.train_step(crops(it), it)
     theirs = moments_by_name(loop.student, loop.optimizer)

@@ -156,8 +156,8 @@ def test_torchrun_continues_a_one_process_run_by_images_seen(images, tmp_path):
     result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=120,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "saved by 1 processes x batch 4 with 2 x 4: continuing by images seen, at image 8 of epoch 0 (step 2 " \
-           "there, step 1 here)" in result.stderr
+    assert "saved at 1 x 4 (processes x batch per process) with 2 x 4: continuing by images seen, at image 8 of " \
+           "epoch 0 (step 2 there, step 1 here)" in result.stderr
     rows = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     # the 1-process run's steps up to the one it continues from, then the 2-process steps, each once
     assert [row["step"] for row in rows] == [1, 2, 3, 4]
