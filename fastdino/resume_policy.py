@@ -19,7 +19,7 @@ SAME_TRAJECTORY = ("log_every", "monitor_every", "checkpoint_every", "saveckp_fr
                    "eval.", "data.num_workers", "data.path", "resume_from.", "guard.")
 # Settings that change how the same algorithm is computed, not what it computes.
 SAME_ALGORITHM = ("device", "precision", "fast.", "model.attention", "distributed.", "data.loader")
-# Handled by the trainer: it continues by images seen.
+# The run continues by images seen (`step_by_images_seen`).
 BATCH = ("data.batch_size_per_gpu",)
 
 # Keys added later whose value, in a run from before, was another key's: the position grid was the crop's.
@@ -79,3 +79,22 @@ def check_resume(stored: dict[str, Any], current: Config) -> list[str]:
         notes.append(f"changed since the checkpoint: {_describe(algorithm)}; the same algorithm continues, but not "
                      "bit-identically to an uninterrupted run")
     return notes
+
+
+def step_by_images_seen(state: dict[str, Any], world_size: int, batch_size_per_gpu: int,
+                        steps_per_epoch: int) -> tuple[int, str]:
+    """The step at which a run saved with another number of processes or per-process batch continues: the first
+    image of the epoch it had not trained on (rounded down to a whole batch), not the same step count; with the line
+    that says so ("" when nothing changed)."""
+    global_batch = world_size * batch_size_per_gpu
+    old_world = state.get("world_size", len(state["rng"]))
+    old_batch = state.get("global_batch", global_batch)
+    old_steps = state.get("steps_per_epoch", steps_per_epoch)
+    if (old_world, old_batch, old_steps) == (world_size, global_batch, steps_per_epoch):
+        return state["step"], ""
+    epoch, within = divmod(state["step"], old_steps)
+    images = within * old_batch
+    step = epoch * steps_per_epoch + min(images // global_batch, steps_per_epoch)
+    return step, (f"resuming a run saved at {old_world} x {old_batch // old_world} (processes x batch per process) "
+                  f"with {world_size} x {batch_size_per_gpu}: continuing by images seen, at image {images} of epoch "
+                  f"{epoch} (step {state['step']} there, step {step} here); the lr follows the new total batch")

@@ -51,7 +51,7 @@ from fastdino.optim import (
     clip_gradients_,
     clip_gradients_reference_,
 )
-from fastdino.resume_policy import check_resume
+from fastdino.resume_policy import check_resume, step_by_images_seen
 from fastdino.schedules import Schedules
 
 log = logging.getLogger("fastdino")
@@ -184,7 +184,10 @@ class Trainer:
             state = checkpoint.load(path, map_location=self.device)
             stored = state["config"]
             self._check_settings(stored)
-        self._continue_by_images_seen(state)
+        state["step"], note = step_by_images_seen(state, self.ctx.world_size, self.config.data.batch_size_per_gpu,
+                                                  len(self.loader))
+        if note and self.ctx.is_main:
+            log.info(note)
         self._note_longer_schedule(state, stored["optim"]["epochs"])
         self.load_state_dict(state)
         self.last_checkpoint, self.checkpoint_step = path, self.step
@@ -195,25 +198,6 @@ class Trainer:
         for note in check_resume(stored, self.config):
             if self.ctx.is_main:
                 log.info(note)
-
-    def _continue_by_images_seen(self, state: dict[str, Any]) -> None:
-        """A run saved with another number of processes or per-process batch continues at the first image of the
-        epoch that it had not trained on (rounded down to a whole batch), not at the same step count."""
-        old_world = state.get("world_size", len(state["rng"]))
-        old_batch = state.get("global_batch", self.global_batch)
-        old_steps = state.get("steps_per_epoch", len(self.loader))
-        if (old_world, old_batch, old_steps) == (self.ctx.world_size, self.global_batch, len(self.loader)):
-            return
-        epoch, within = divmod(state["step"], old_steps)
-        images = within * old_batch
-        step = epoch * len(self.loader) + min(images // self.global_batch, len(self.loader))
-        if self.ctx.is_main:
-            log.info("resuming a run saved at %d x %d (processes x batch per process) with %d x %d: continuing by "
-                     "images seen, at image %d of epoch %d (step %d there, step %d here); the lr follows the new "
-                     "total batch",
-                     old_world, old_batch // old_world, self.ctx.world_size, self.config.data.batch_size_per_gpu,
-                     images, epoch, state["step"], step)
-        state["step"] = step
 
     def _note_longer_schedule(self, state: dict[str, Any], stored_epochs: int) -> None:
         if self.config.optim.epochs == stored_epochs or not self.ctx.is_main:
