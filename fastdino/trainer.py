@@ -322,15 +322,17 @@ class Trainer:
                 window_steps += 1
                 progress.update(1)
                 monitored: dict[str, float] = {}
-                if monitors:  # one read-back for both numbers, averaged over ranks: every rank's guard agrees
-                    figures = torch.stack([output.teacher_entropy, output.teacher_student_kl])
-                    entropy, kl = self.ctx.mean(figures).tolist()
-                    monitored = {"teacher_entropy": entropy, "teacher_student_kl": kl}
                 at_epoch_end = self.step % steps_per_epoch == 0
                 at_checkpoint = at_epoch_end or (config.checkpoint_every and self.step % config.checkpoint_every == 0)
                 stop = False
-                if monitored or self.step % config.log_every == 0 or at_checkpoint or self.step == total:
-                    loss = self.ctx.mean(loss_sum / window_steps).item()
+                if monitors or self.step % config.log_every == 0 or at_checkpoint or self.step == total:
+                    # one all-reduce and one read-back for the row: the loss and, when measured, both monitors
+                    # (averaged over ranks: every rank's guard agrees)
+                    figures = [loss_sum / window_steps]
+                    if monitors:
+                        figures += [output.teacher_entropy, output.teacher_student_kl]
+                    loss, *measured = self.ctx.mean(torch.stack([figure.float() for figure in figures])).tolist()
+                    monitored = dict(zip(("teacher_entropy", "teacher_student_kl"), measured))
                     self._check_finite(loss, epoch)
                     seconds = time.perf_counter() - window_start
                     # evaluated before the row is written and the checkpoint saved: a kill in between redoes both
