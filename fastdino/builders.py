@@ -38,13 +38,21 @@ def resolve_device(config: Config) -> torch.device:
     return torch.device("cuda", torch.cuda.current_device())
 
 
+PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}  # setting -> autocast dtype
+
+
+def precision_name(dtype: torch.dtype) -> str:
+    """The `precision` setting an autocast dtype stands for."""
+    return next(name for name, candidate in PRECISIONS.items() if candidate == dtype)
+
+
 def resolve_precision(config: Config, device: torch.device) -> torch.dtype:
     """The autocast dtype: by default bf16 on CUDA (fp16 on GPUs without bf16), fp32 (no autocast) on CPU."""
     check_precision(config, device)
     choice = config.precision
     if choice == "auto":
         choice = ("bf16" if bf16_supported(device) else "fp16") if device.type == "cuda" else "fp32"
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[choice]
+    return PRECISIONS[choice]
 
 
 def _switch(value: bool | str, available: bool, needs: str) -> tuple[bool, str]:
@@ -182,7 +190,7 @@ def startup_lines(config: Config, device: torch.device, dtype: torch.dtype, stra
                   fast: FastPaths) -> list[str]:
     """What this run is made of, said once at its start: where and how it computes, and for each fast path whether
     it is on and why (so a slow run shows at once which path `auto` left off)."""
-    precision = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[dtype]
+    precision = precision_name(dtype)
     processes = f"{world_size} process{'es' if world_size > 1 else ''}"
     lines = [f"running on {device}, precision {precision} (precision={config.precision}), "
              f"strategy {strategy} over {processes}; fast paths:"]

@@ -123,6 +123,11 @@ def save_atomic(state: Any, path: str | Path, serialize: Callable[[Any, IO[bytes
             tmp.unlink()
 
 
+def write_text_atomic(text: str, path: str | Path) -> None:
+    """`save_atomic` for a text file (logs, results, the resolved config): readers never see half of it."""
+    save_atomic(text, path, lambda content, handle: handle.write(content.encode()))
+
+
 def copy_atomic(source: str | Path, path: str | Path) -> None:
     """Publish an already written checkpoint file under a second name without serializing it again: a hard link
     (files are only ever replaced by rename, never changed in place, so sharing is safe), or a copy where the

@@ -16,6 +16,12 @@ class UsageError(Exception):
     """Input that cannot be used (a setting, a file, a folder); the message names it and says what is allowed."""
 
 
+def is_first_process() -> bool:
+    """Rank 0 under torchrun (read from RANK, so also before a process group exists), or a lone process: the one
+    that says a line every rank meets."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def report_usage_errors(main: F) -> F:
     """Wrap a command's `main`: a UsageError becomes `error: <message>` on stderr and exit code 2."""
 
@@ -24,7 +30,7 @@ def report_usage_errors(main: F) -> F:
         try:
             return main(*args, **kwargs)
         except UsageError as error:
-            if os.environ.get("RANK", "0") == "0":  # under torchrun every rank meets the error; one says it
+            if is_first_process():
                 print(f"error: {error}", file=sys.stderr)
             raise SystemExit(EXIT_USAGE) from None
 

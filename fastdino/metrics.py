@@ -6,12 +6,11 @@ each step appears once in `log.jsonl`, and TensorBoard hides the events after it
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from collections.abc import Callable
 from typing import Any
 
-from fastdino.checkpoint import temporary_path
+from fastdino.checkpoint import write_text_atomic
 
 
 class MetricsLogger:
@@ -67,9 +66,7 @@ def _rewrite_rows(path: Path, change: Callable[[dict[str, Any]], dict[str, Any] 
             continue
         if row is not None:
             rows.append(json.dumps(row))
-    tmp = temporary_path(path)
-    tmp.write_text("".join(row + "\n" for row in rows))
-    os.replace(tmp, path)
+    write_text_atomic("".join(row + "\n" for row in rows), path)
 
 
 def add_to_row(output_dir: str | Path, step: int, values: dict[str, Any]) -> None:

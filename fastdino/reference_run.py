@@ -28,11 +28,12 @@ import torch
 from torch import nn
 
 from fastdino import checkpoint, sharded_checkpoint
+from fastdino.builders import precision_name
 from fastdino.config import Config, config_to_dict, get_value, set_value, validate
 from fastdino.rules import show
 from fastdino.errors import UsageError
 from fastdino.hub import load_checkpoint_file
-from fastdino.resume_policy import flatten
+from fastdino.resume_policy import flatten, stored_settings
 
 log = logging.getLogger("fastdino")
 
@@ -307,21 +308,14 @@ def continue_reference_run(trainer: Any, reference: ReferenceRun) -> None:
         return
     scaler = reference.content.get("fp16_scaler")
     if scaler is not None and trainer.scaler is None:
-        precision = {torch.bfloat16: "bf16", torch.float32: "fp32"}[trainer.autocast_dtype]
         log.info("dropped the reference's fp16 loss-scaler state (scale %g): fastdino trains in %s, which needs no "
-                 "loss scaling", float(scaler["scale"]), precision)
+                 "loss scaling", float(scaler["scale"]), precision_name(trainer.autocast_dtype))
     log.info("continuing the main_dino.py run %s at epoch %d (step %d): student, teacher, center and the optimizer "
              "moments of %d parameters loaded by name", reference.path, int(reference.content["epoch"]),
              trainer.step, len(state["optimizer"]["state"]))
 
 
 # ------------------------------------------------------------------------------------------------ fastdino -> reference
-def run_settings(state: Mapping[str, Any]) -> dict[str, Any]:
-    """A fastdino checkpoint's config as {dotted key: value}, defaults for keys it predates; not re-validated (its
-    resume_from.path, say, may be gone)."""
-    return {**flatten(config_to_dict(Config())), **flatten(state["config"])}
-
-
 def reference_args(settings: Mapping[str, Any], state: Mapping[str, Any]) -> argparse.Namespace:
     """main_dino.py's args for a fastdino run (`settings`: its flattened config), as its parser and
     `init_distributed_mode` leave them."""
@@ -335,7 +329,7 @@ def reference_args(settings: Mapping[str, Any], state: Mapping[str, Any]) -> arg
 
 def reference_checkpoint(state: Mapping[str, Any], source: Any) -> dict[str, Any]:
     """A fastdino checkpoint (`Trainer.state_dict()`, unsharded) as the dict main_dino.py saves at an epoch end."""
-    settings = run_settings(state)
+    settings = stored_settings(state["config"])
     epoch, within = divmod(int(state["step"]), int(state["steps_per_epoch"]))
     if within:
         raise ReferenceRunError(f"{source} was saved at step {state['step']}, inside epoch {epoch} ({within} of its "
@@ -396,7 +390,7 @@ def export_reference_run(source: str | Path, out: str | Path) -> str:
     checkpoint.save_atomic(saved, out)
     _check_written(out, state)
     args = saved["args"]
-    differing = constants_differing(run_settings(state))
+    differing = constants_differing(stored_settings(state["config"]))
     caveat = (f"; main_dino.py fixes what this run sets otherwise ({differing}): its code must be changed to match"
               if differing else "")
     resume = "" if out.name == checkpoint.LATEST else f" (main_dino.py resumes <output_dir>/{checkpoint.LATEST})"

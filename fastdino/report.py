@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from fastdino.builders import build_backbone
-from fastdino.checkpoint import temporary_path
+from fastdino.checkpoint import write_text_atomic
 from fastdino.config import Config, knn_requested_by
 from fastdino.eval.attention import held_out_examples, save_attention_comparison, save_attention_maps
 from fastdino.eval.knn import knn_accuracy
@@ -68,9 +67,7 @@ def _keep_results(run_dir: Path, step: int, results: dict[str, float]) -> None:
     and TensorBoard scalars at the last step."""
     from torch.utils.tensorboard import SummaryWriter
 
-    tmp = temporary_path(run_dir / RESULTS_FILE)
-    tmp.write_text(json.dumps({"step": step, **results}, indent=1) + "\n")
-    os.replace(tmp, run_dir / RESULTS_FILE)
+    write_text_atomic(json.dumps({"step": step, **results}, indent=1) + "\n", run_dir / RESULTS_FILE)
     add_to_row(run_dir, step, results)
     with SummaryWriter(log_dir=str(run_dir / "tensorboard")) as writer:
         for name, value in results.items():

@@ -45,12 +45,18 @@ def _matches(key: str, patterns: tuple[str, ...]) -> bool:
     return any(key == pattern or (pattern.endswith(".") and key.startswith(pattern)) for pattern in patterns)
 
 
+def stored_settings(stored: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint's config as {dotted key: value}; a key it lacks (a run from an older version) is its default, or
+    what it meant then (`WAS_THEN`). Not re-validated (its resume_from.path, say, may be gone)."""
+    saved = flatten(stored)
+    settings = {**flatten(config_to_dict(Config())), **saved}
+    settings.update({key: settings[source] for key, source in WAS_THEN.items() if key not in saved})
+    return settings
+
+
 def changed_settings(stored: dict[str, Any], current: Config) -> dict[str, tuple[Any, Any]]:
-    """{key: (stored value, current value)} for every setting that differs; a key the stored config lacks (a run
-    from an older version) counts as its default, or as what it meant then (`WAS_THEN`)."""
-    defaults = flatten(config_to_dict(Config()))
-    old = {**defaults, **flatten(stored)}
-    old.update({key: old[source] for key, source in WAS_THEN.items() if key not in flatten(stored)})
+    """{key: (stored value, current value)} for every setting that differs (`stored_settings`)."""
+    old = stored_settings(stored)
     new = flatten(config_to_dict(current))
     return {key: (old.get(key), value) for key, value in new.items() if old.get(key) != value}
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from pathlib import Path
 
@@ -48,7 +47,5 @@ def write_resolved_config(output_dir: Path, config: Config) -> Path:
     run folder: what ran, and a file `--config` takes to run it again."""
     plain = json.loads(json.dumps(config_to_dict(config)))  # tuples as lists, for YAML
     path = output_dir / RESOLVED_CONFIG
-    temporary = checkpoint.temporary_path(path)
-    temporary.write_text(yaml.safe_dump(plain, sort_keys=False))
-    os.replace(temporary, path)
+    checkpoint.write_text_atomic(yaml.safe_dump(plain, sort_keys=False), path)
     return path

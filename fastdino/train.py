@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 
 from fastdino.config import load_config
 from fastdino.rules import CheckedArgumentParser
-from fastdino.errors import report_usage_errors
+from fastdino.errors import is_first_process, report_usage_errors
 from fastdino.preflight import check_runnable
 from fastdino.settings_help import settings_help
 
@@ -51,11 +50,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 1
     except GuardStop as stop:
-        if os.environ.get("RANK", "0") == "0":
+        if is_first_process():
             print(stop, file=sys.stderr)
         return EXIT_GUARD_STOP
     except KeyboardInterrupt:
-        if os.environ.get("RANK", "0") == "0":
+        if is_first_process():
             print(interrupted(trainer), file=sys.stderr)
         return 130
     shutdown_distributed()

@@ -119,7 +119,7 @@ import sys
 import fastdino.checkpoint
 writes = []
 def opener(path, mode="r", *args, **kwargs):
-    if "w" in mode:
+    if "w" in mode and "checkpoint" in str(path):  # text files (config.yaml, logs) go through save_atomic too
         writes.append(path)
         if len(writes) > 2:  # the first two checkpoints fit, then the disk is full
             path = "/dev/full"

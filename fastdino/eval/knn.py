@@ -28,7 +28,7 @@ from fastdino import checkpoint as checkpoint_io
 from fastdino.config import RULES
 from fastdino.rules import CheckedArgumentParser, Rule, existing_folder, existing_path, not_a_file, positive
 from fastdino.data import IMAGENET_MEAN, IMAGENET_STD, DatasetError, ImageFolderDataset
-from fastdino.distributed import init_distributed, print_on_rank0, rank_and_world_size
+from fastdino.distributed import init_distributed, print_on_rank0, rank_and_world_size, shutdown_distributed
 from fastdino.errors import report_usage_errors
 
 # The reference evaluates 224-pixel crops of images resized to 256; other sizes keep that ratio.
@@ -271,8 +271,7 @@ def main(argv: Sequence[str] | None = None) -> dict[int, dict[str, float | None]
         top5 = results[k]["top5"]
         top5_text = f", top-5 {top5:.2f}%" if top5 is not None else ""
         print_on_rank0(f"{k}-NN: top-1 {results[k]['top1']:.2f}%{top5_text}")
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    shutdown_distributed()
     return results
 
 

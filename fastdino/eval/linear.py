@@ -45,7 +45,7 @@ from fastdino.config import RULES
 from fastdino.rules import CheckedArgumentParser, existing_file, existing_folder, not_a_file, positive
 from fastdino.data import IMAGENET_MEAN, IMAGENET_STD, ImageFolderDataset, epoch_batches
 from fastdino.data.torch_loader import SeededSamples
-from fastdino.distributed import init_distributed, print_on_rank0, rank_and_world_size, unwrap
+from fastdino.distributed import init_distributed, print_on_rank0, rank_and_world_size, shutdown_distributed, unwrap
 from fastdino.errors import UsageError, report_usage_errors
 from fastdino.eval.knn import EVAL_WORKERS, backbone_option_rules, eval_transform
 
@@ -264,10 +264,8 @@ def _progress_writer(output_dir: Path | None, settings: dict[str, Any]) -> Calla
         if rank_and_world_size()[0] != 0:
             return
         checkpoint_io.save_atomic({**checkpoint, "settings": settings}, Path(output_dir) / checkpoint_io.LATEST)
-        log_path = Path(output_dir) / LOG_FILE
-        tmp = checkpoint_io.temporary_path(log_path)
-        tmp.write_text("".join(json.dumps(row) + "\n" for row in checkpoint["history"]))
-        os.replace(tmp, log_path)
+        checkpoint_io.write_text_atomic("".join(json.dumps(row) + "\n" for row in checkpoint["history"]),
+                                        Path(output_dir) / LOG_FILE)
 
     return write
 
@@ -426,8 +424,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
                               batch_size=args.batch_size, base_lr=args.lr, num_workers=args.num_workers, amp=args.amp,
                               seed=args.seed, output_dir=args.output_dir)
         print_on_rank0(f"linear probe: best val top-1 {result['best_top1']:.2f}%")
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    shutdown_distributed()
     return result
 
 
