@@ -304,6 +304,13 @@ def test_the_reference_continues_an_exported_fastdino_run_as_fastdino_does(tmp_p
     line = export_main([str(tmp_path / "run" / "checkpoint.pth"), "--format", "reference-run", "--out", str(out)])
     assert line.startswith(f"wrote {out}: the fastdino run {tmp_path / 'run' / 'checkpoint.pth'} as a main_dino.py "
                            "checkpoint at epoch 2 (--arch vit_tiny --patch_size 8 --out_dim 64;")
+    assert "model.pos_embed_size" not in line  # the run's 224 px grid is the reference's
+    older = torch.load(tmp_path / "run" / "checkpoint.pth", weights_only=False)  # the test's own file
+    del older["config"]["model"]["pos_embed_size"]  # a run from before the setting: its grid was the crop's, 16 px
+    torch.save(older, tmp_path / "older.pth")
+    older_line = export_main([str(tmp_path / "older.pth"), "--format", "reference-run", "--out",
+                              str(tmp_path / "older_ref.pth")])
+    assert "model.pos_embed_size=16 (main_dino.py: 224)" in older_line
     written = read_reference_checkpoint(out)  # as data, with the reference's own types allowed
     assert all(key.startswith("module.") for key in written["student"])
     assert not any(key.startswith("module.") for key in written["teacher"])
