@@ -1,5 +1,5 @@
 """From a Config to the parts of a run: device, precision, the fast paths (each with why it is on or off), the
-networks, the loader; and the start-up lines that say what ran. The Trainer only runs steps with them."""
+networks, the loader (fastdino.run_record says what ran). The Trainer only runs steps with them."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -184,14 +184,3 @@ def build_loader(
         rank=ctx.rank,
         world_size=ctx.world_size,
     )
-
-
-def startup_lines(config: Config, device: torch.device, dtype: torch.dtype, strategy: str, world_size: int,
-                  fast: FastPaths) -> list[str]:
-    """What this run is made of, said once at its start: where and how it computes, and for each fast path whether
-    it is on and why (so a slow run shows at once which path `auto` left off)."""
-    precision = precision_name(dtype)
-    processes = f"{world_size} process{'es' if world_size > 1 else ''}"
-    lines = [f"running on {device}, precision {precision} (precision={config.precision}), "
-             f"strategy {strategy} over {processes}; fast paths:"]
-    return lines + [f"  {name}: {reason}" for name, reason in fast.reasons.items()]

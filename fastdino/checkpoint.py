@@ -23,6 +23,7 @@ from fastdino.errors import UsageError
 
 LATEST = "checkpoint.pth"
 TEMPORARY_MARK = ".tmp-"  # in the name of every file being written; leftovers of a killed run carry it
+TEMPORARY_NAME = re.compile(rf"\.(?P<target>.+){re.escape(TEMPORARY_MARK)}\d+")  # what temporary_path makes
 
 
 class CheckpointError(UsageError):
@@ -94,7 +95,7 @@ class _WriteErrorKeeper:
 
 
 def temporary_path(path: Path) -> Path:
-    """Where `path` is written before being renamed into place."""
+    """Where `path` is written before being renamed into place (its name matches TEMPORARY_NAME)."""
     return path.with_name(f".{path.name}{TEMPORARY_MARK}{os.getpid()}")
 
 
@@ -142,20 +143,6 @@ def copy_atomic(source: str | Path, path: str | Path) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-
-
-def remove_leftover_temporaries(folder: str | Path) -> list[Path]:
-    """Delete what killed writers left in `folder` (files and folders whose name carries TEMPORARY_MARK or ends in
-    `.tmp`); only call it when no other process writes there. Returns what was removed."""
-    removed = []
-    for entry in Path(folder).iterdir() if Path(folder).is_dir() else ():
-        if TEMPORARY_MARK in entry.name or entry.name.endswith(".tmp"):
-            if entry.is_dir() and not entry.is_symlink():
-                shutil.rmtree(entry, ignore_errors=True)
-            else:
-                entry.unlink(missing_ok=True)
-            removed.append(entry)
-    return removed
 
 
 def latest_checkpoint(output_dir: str | Path) -> Path | None:

@@ -159,7 +159,8 @@ class Config:
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     guard: GuardConfig = field(default_factory=GuardConfig)
     resume_from: ResumeFromConfig = field(default_factory=ResumeFromConfig)
-    output_dir: str = "."  # where checkpoints, logs and pictures go; a run there is resumed
+    # where checkpoints, logs and pictures go (a run there is resumed); left unset with --config NAME.yaml: runs/NAME
+    output_dir: str = "runs/dino"
     seed: int = 0  # seed of the weights, the augmentations and the data order
     device: str = "auto"  # auto | cuda | cpu
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp16 | fp32
@@ -167,7 +168,7 @@ class Config:
     monitor_every: int = 50  # steps between collapse monitors (teacher entropy, KL)
     checkpoint_every: int = 0  # steps between checkpoints; 0: epoch ends only
     saveckp_freq: int = 20  # keep a numbered copy every this many epochs; 0 disables
-    resume: bool = True  # continue the run in output_dir; false: start over there (its files are moved aside)
+    resume: bool = True  # continue the run in output_dir; false: start over there (the run's own files are moved aside)
 
 
 # One rule per key, checked whenever the key is set (after its type); keys absent here are checked for type only.
@@ -338,12 +339,19 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     """Defaults, then the YAML file (if any), then the `key=value` overrides, in that order."""
     config = Config()
     if path is not None:
+        config.output_dir = default_output_dir(path)
         for key, value in _read_config_file(Path(path)).items():
             set_value(config, str(key), value)
     for text in overrides:
         set_value(config, *parse_override(text))
     validate(config)
     return config
+
+
+def default_output_dir(config_file: str | Path) -> str:
+    """A recipe's own run folder under runs/ when it names none: never the working directory, which may hold a
+    project, and one per recipe, so that two recipes do not meet in one folder."""
+    return f"runs/{Path(config_file).stem}"
 
 
 def knn_requested_by(config: Config) -> str:

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 from fastdino.checkpoint import write_text_atomic
+from fastdino.run_folder import METRICS_LOG, TENSORBOARD
 
 
 class MetricsLogger:
@@ -22,7 +23,7 @@ class MetricsLogger:
     def __init__(self, output_dir: str | Path, enabled: bool = True, tensorboard: bool = True,
                  resumed_at: int = 0) -> None:
         self.enabled = enabled
-        self.path = Path(output_dir) / "log.jsonl"
+        self.path = Path(output_dir) / METRICS_LOG
         self._writer = None
         if not enabled:
             return
@@ -31,7 +32,7 @@ class MetricsLogger:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self._writer = SummaryWriter(log_dir=str(Path(output_dir) / "tensorboard"), purge_step=resumed_at + 1)
+                self._writer = SummaryWriter(log_dir=str(Path(output_dir) / TENSORBOARD), purge_step=resumed_at + 1)
             except ImportError:  # tensorboard is a declared dependency; keep training if it is absent
                 self._writer = None
 
@@ -72,6 +73,6 @@ def _rewrite_rows(path: Path, change: Callable[[dict[str, Any]], dict[str, Any] 
 def add_to_row(output_dir: str | Path, step: int, values: dict[str, Any]) -> None:
     """Merge `values` into the row of `step` in `<output_dir>/log.jsonl` (e.g. the final evaluation into the last
     training step's row), so each step stays one row however often the evaluation is redone."""
-    path = Path(output_dir) / "log.jsonl"
+    path = Path(output_dir) / METRICS_LOG
     if path.is_file():
         _rewrite_rows(path, lambda row: {**row, **values} if row["step"] == step else row)

@@ -12,6 +12,7 @@ What is refused, and why only that (each was tried on a CPU-only machine):
 - fast.fused_loss=true where the Triton kernel cannot run (it needs CUDA, or the Triton interpreter).
 - model.attention=xformers without CUDA or without a working xformers build.
 - data.loader=dali without the nvidia.dali package.
+- an output_dir holding a run's file names (config.yaml, log.jsonl, ...) that no fastdino run wrote (run_folder).
 Allowed on the CPU because they run there: fast.fused_ema, fast.packed, fast.efficient_drop_path, fast.fused_adamw
 (plain-PyTorch forms of the same computation), data.loader=gpu_decode (CPU decoding), DALI's CPU pipeline.
 """
@@ -25,6 +26,7 @@ from fastdino.config import Config, ConfigError, knn_requested_by
 from fastdino.rules import Rule
 from fastdino.data.datasets import DatasetError, find_images
 from fastdino.kernels.runtime import kernels_usable
+from fastdino.run_folder import check_usable
 
 
 def check_runnable(config: Config) -> None:
@@ -34,6 +36,7 @@ def check_runnable(config: Config) -> None:
     check_precision(config, device)
     check_fast_paths(config, device)
     check_data(config)
+    check_usable(config.output_dir)
 
 
 def uses_cuda(config: Config) -> bool:

@@ -17,10 +17,10 @@ from fastdino.eval.knn import knn_accuracy
 from fastdino.eval.plots import plot_training_curves, read_jsonl
 from fastdino.guard import HINTS, NAMES, replay
 from fastdino.metrics import add_to_row
+from fastdino.run_folder import CURVES, METRICS_LOG, PICTURES, RESULTS, TENSORBOARD
 
 log = logging.getLogger("fastdino")
 
-RESULTS_FILE = "results.json"
 HELD_OUT_PICTURE = "held-out-trained-vs-random-init.png"
 
 
@@ -67,9 +67,9 @@ def _keep_results(run_dir: Path, step: int, results: dict[str, float]) -> None:
     and TensorBoard scalars at the last step."""
     from torch.utils.tensorboard import SummaryWriter
 
-    write_text_atomic(json.dumps({"step": step, **results}, indent=1) + "\n", run_dir / RESULTS_FILE)
+    write_text_atomic(json.dumps({"step": step, **results}, indent=1) + "\n", run_dir / RESULTS)
     add_to_row(run_dir, step, results)
-    with SummaryWriter(log_dir=str(run_dir / "tensorboard")) as writer:
+    with SummaryWriter(log_dir=str(run_dir / TENSORBOARD)) as writer:
         for name, value in results.items():
             writer.add_scalar(f"final/{name}", value, step)
 
@@ -79,7 +79,7 @@ def _save_pictures(config: Config, teacher_backbone: nn.Module, random_init: nn.
     is asked for) with the trained teacher beside its random-init twin: the second shows what training changed."""
     from fastdino.data.demo_dataset import demo_attention_images
 
-    picture_dir = run_dir / "attention"
+    picture_dir = run_dir / PICTURES
     size, count = config.eval.attention_image_size, config.eval.attention_images
     pictures = []
     for name, image in demo_attention_images()[:count]:
@@ -89,7 +89,7 @@ def _save_pictures(config: Config, teacher_backbone: nn.Module, random_init: nn.
         examples = held_out_examples(config.eval.knn_val_path, count)
         networks = {"trained": teacher_backbone, "random init": random_init}
         pictures.append(save_attention_comparison(networks, examples, picture_dir / HELD_OUT_PICTURE, size))
-    _add_pictures_to_tensorboard(run_dir / "tensorboard", pictures)
+    _add_pictures_to_tensorboard(run_dir / TENSORBOARD, pictures)
     log.info("attention pictures written to %s", picture_dir)
 
 
@@ -98,9 +98,9 @@ def final_report(config: Config, teacher_backbone: nn.Module, device: torch.devi
     lines last. `step`: the step the evaluated teacher was trained to."""
     run_dir = Path(config.output_dir)
     results: dict[str, float] = {}
-    log_path = run_dir / "log.jsonl"
+    log_path = run_dir / METRICS_LOG
     if log_path.is_file():
-        plot_training_curves(log_path, run_dir / "training_curves.png", config.model.out_dim)
+        plot_training_curves(log_path, run_dir / CURVES, config.model.out_dim)
     random_init = initial_backbone(config).to(device) if config.eval.final_knn or config.eval.attention_images else None
     if config.eval.attention_images:
         _save_pictures(config, teacher_backbone, random_init, run_dir)

@@ -25,6 +25,7 @@ import importlib
 import io
 import os
 import pickle
+import re
 import shutil
 import warnings
 from collections.abc import Iterator
@@ -43,6 +44,9 @@ from fastdino.distributed import DistributedContext
 SHARDED_DIR = "checkpoint_dcp"
 PLAIN_FILE = "plain.pt"
 PLAIN_KEYS = ("rng", "config")  # per-rank and nested plain data: written by rank 0 with torch.save, not DCP
+
+
+STAGING_NAME = re.compile(r"\.(?P<target>.+)\.(tmp|old)")  # the names _staging_paths makes
 
 
 def _staging_paths(path: Path) -> tuple[Path, Path]:

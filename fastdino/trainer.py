@@ -19,7 +19,7 @@ from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from fastdino import checkpoint, reference_run, run_folder, sharded_checkpoint
+from fastdino import checkpoint, reference_run, run_folder, run_record, sharded_checkpoint
 from fastdino.builders import (
     build_backbone,
     build_loader,
@@ -27,7 +27,6 @@ from fastdino.builders import (
     resolve_device,
     resolve_fast_paths,
     resolve_precision,
-    startup_lines,
 )
 from fastdino.checkpoint import CheckpointWriteError
 from fastdino.config import Config, config_to_dict
@@ -109,17 +108,21 @@ class Trainer:
         resume_from = sharded_checkpoint.find_resume_checkpoint(self.output_dir)
         if resume_from is not None:  # fastdino's own run in output_dir always wins
             self.resume(resume_from)
+            started_from = f"resumed from {resume_from} at step {self.step}"
         elif self.reference is not None:
             reference_run.continue_reference_run(self, self.reference)
+            started_from = f"continues the main_dino.py run {config.resume_from.path} at step {self.step}"
         else:
             torch.manual_seed(config.seed + 1 + self.ctx.rank)  # stochastic depth draws differ per rank
+            started_from = "a fresh run"
         self.reference = None  # loaded or not needed: its tensors are freed
-        self.metrics = MetricsLogger(self.output_dir, enabled=self.ctx.is_main, resumed_at=self.step)
         if self.ctx.is_main:
+            record = run_record.describe(self, started_from)
+            run_folder.write_run_info(self.output_dir, record)
             run_folder.write_resolved_config(self.output_dir, config)
-            for line in startup_lines(config, self.device, self.autocast_dtype, self.strategy, self.ctx.world_size,
-                                      self.fast):
+            for line in run_record.startup_lines(record):
                 log.info(line)
+        self.metrics = MetricsLogger(self.output_dir, enabled=self.ctx.is_main, resumed_at=self.step)
 
     # ---------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:

@@ -1,8 +1,9 @@
 """Small builders shared by the training tests: a folder of tiny JPEGs, a tiny-model config, a free port, two gloo
-ranks, and exact state comparison."""
+ranks, exact state comparison, and a user's files planted where a run writes."""
 import datetime
 import os
 import socket
+import subprocess
 import traceback
 
 import numpy as np
@@ -25,6 +26,41 @@ def write_image_folder(root, count: int = 16):
         pixels = np.clip(pixels + rng.normal(0, 20, pixels.shape), 0, 255).astype(np.uint8)
         Image.fromarray(pixels).save(folder / f"{index}.jpg", quality=90)
     return root
+
+
+# A user's files beside a run: names a run's writers and tidy-up could mistake for their own (temporaries by a loose
+# pattern, run names with a suffix or prefix), a folder of moved-aside look, and a project's files.
+LOOK_ALIKES = ("notes.tmp", "draft.tmp-1", "cache.tmp/blob.bin", ".notes.tmp-12", ".checkpoint.pth.tmp-x",
+               ".checkpoint_dcp.tmp.keep/part", ".mine_dcp.tmp/part", "checkpoint.pth.bak", "my_checkpoint.pth",
+               "checkpoint12.pth", "log.jsonl.old", "config.yml", "checkpoints/keep.txt", "tensorboard.txt",
+               "replaced/notes.txt", "train.py", "README.md")
+
+
+def plant_user_files(folder) -> dict[str, bytes]:
+    """A git checkout with the LOOK_ALIKES committed in `folder`; {relative path: bytes} of every file in it."""
+    for index, name in enumerate(LOOK_ALIKES):
+        path = folder / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(f"{name}: the user's own file {index}\n".encode() * (index + 1))
+    git = ["git", "-c", "user.name=user", "-c", "user.email=user@example.com"]
+    subprocess.run([*git, "init", "-q"], cwd=folder, check=True)
+    subprocess.run([*git, "add", "-A", "-f"], cwd=folder, check=True)
+    subprocess.run([*git, "commit", "-q", "-m", "the user's work"], cwd=folder, check=True)
+    return files_under(folder)
+
+
+def files_under(folder) -> dict[str, bytes]:
+    return {str(path.relative_to(folder)): path.read_bytes() for path in sorted(folder.rglob("*")) if path.is_file()}
+
+
+def assert_user_files_intact(folder, planted: dict[str, bytes]) -> None:
+    """Every planted byte is where it was, and git sees no tracked file changed."""
+    now = files_under(folder)
+    changed = sorted(name for name, content in planted.items() if now.get(name) != content)
+    assert not changed, f"the user's files changed or went away: {changed}"
+    status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=folder, check=True,
+                            capture_output=True, text=True).stdout
+    assert status == "", status
 
 
 def tiny_config(data_path, output_dir, *extra: str) -> Config:

@@ -1,6 +1,7 @@
 """What a run says about itself at start: one block with device, precision, strategy and every fast path with why
 it is on or off, and the resolved config written to the run folder (a file `--config` takes back unchanged)."""
 import logging
+import re
 
 from helpers import tiny_config, write_image_folder
 
@@ -15,8 +16,9 @@ def test_start_says_what_runs_and_why(tmp_path, caplog):
         Trainer(tiny_config(images, tmp_path / "run", "fast.fused_ema=false", "fast.sync_free_clip=true"))
     lines = [record.getMessage() for record in caplog.records]
     head = next(index for index, line in enumerate(lines) if line.startswith("running on "))
-    assert lines[head] == "running on cpu, precision fp32 (precision=auto), strategy none over 1 process; fast paths:"
-    block = dict(line.strip().split(": ", 1) for line in lines[head + 1: head + 9])
+    assert re.fullmatch(r"running on cpu-\w+, [\d.]+ GiB, precision fp32, strategy none over 1 process", lines[head])
+    assert lines[head + 2] == "attention: one forward per crop size, math attention; fast paths:"
+    block = dict(line.strip().split(": ", 1) for line in lines[head + 3: head + 11])
     assert block == {
         "fused_loss": "off (auto: needs CUDA)", "fused_ema": "off (set to false)",
         "packed": "off (auto: needs CUDA with xformers or varlen flash attention)",

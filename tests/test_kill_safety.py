@@ -1,6 +1,7 @@
 """SIGKILL at random moments, some inside checkpoint writes, then the same command again until it finishes: the
 result equals an uninterrupted run bit for bit, every announced numbered copy exists and loads, each step is
-logged once, and no temporary file outlives the next start."""
+logged once, no temporary file outlives the next start, and the user's files in the run folder (a git checkout
+with look-alike names) are untouched."""
 import json
 import random
 import signal
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import write_image_folder
+from helpers import LOOK_ALIKES, assert_user_files_intact, plant_user_files, write_image_folder
 
 from fastdino import checkpoint
 
@@ -34,10 +35,12 @@ def rows(output_dir: Path) -> list[str]:
 
 
 def temporaries(output_dir: Path) -> set[str]:
+    """What the run's writers have in progress (the user's look-alike names excluded)."""
     if not output_dir.is_dir():
         return set()
-    return {path.name for path in output_dir.iterdir() if checkpoint.TEMPORARY_MARK in path.name
-            or path.name.endswith(".tmp")}
+    planted = {Path(name).parts[0] for name in LOOK_ALIKES}
+    return {path.name for path in output_dir.iterdir() if path.name not in planted and (
+        checkpoint.TEMPORARY_MARK in path.name or path.name.endswith(".tmp"))}
 
 
 def run_until_killed(arguments: list[str], output_dir: Path, inside_write: bool, rng: random.Random) -> int:
@@ -66,6 +69,8 @@ def runs(tmp_path_factory):
     straight = root / "straight"
     subprocess.run(command(images, straight), cwd=REPO, check=True, capture_output=True)
     killed, rng = root / "killed", random.Random(0)
+    killed.mkdir()
+    planted = plant_user_files(killed)
     kills = writes_cut = 0
     left_behind: set[str] = set()
     while True:
@@ -80,18 +85,23 @@ def runs(tmp_path_factory):
         cut = temporaries(killed)
         writes_cut += bool(cut)
         left_behind |= cut
-    return straight, killed, kills, writes_cut, left_behind
+    return straight, killed, kills, writes_cut, left_behind, planted
 
 
 def test_kills_happened_and_some_cut_a_checkpoint_write(runs):
-    _, _, kills, writes_cut, left_behind = runs
+    _, _, kills, writes_cut, left_behind, _ = runs
     assert kills >= 6 and writes_cut >= 2, (kills, writes_cut)
     assert left_behind  # the killed writers did leave temporary files ...
 
 
 def test_no_temporary_file_survives_the_next_start(runs):
-    _, killed, _, _, left_behind = runs
+    _, killed, _, _, left_behind, _ = runs
     assert not temporaries(killed) and not (left_behind & {path.name for path in killed.iterdir()})
+
+
+def test_the_users_files_in_the_run_folder_survive_every_kill(runs):
+    _, killed, *_, planted = runs
+    assert_user_files_intact(killed, planted)
 
 
 def test_final_state_is_bit_identical_to_an_uninterrupted_run(runs):

@@ -275,6 +275,7 @@ class DaliMultiCropLoader:
             self.shards = None
             self.samples, self.num_rejected = decodable_samples(source, scan_cache, who="DALI loader")
             num_samples = len(self.samples)
+        self.num_images = num_samples
         if drop_last and num_samples < batch_size * world_size:
             raise ValueError(f"the dataset has {num_samples} usable images, fewer than one global batch "
                              f"(batch_size {batch_size} x world_size {world_size}); use a smaller batch size")

@@ -155,6 +155,7 @@ class GpuDecodeMultiCropLoader:
         self._cpu_decoded_files: set[str] = set()
         self._failed_files: set[str] = set()
         self.samples, self.num_rejected = decodable_samples(source, scan_cache, self.num_threads, "GPU-decode loader")
+        self.num_images = len(self.samples)
         if drop_last and len(self.samples) < batch_size * world_size:
             raise ValueError(f"the dataset has {len(self.samples)} usable images, fewer than one global batch "
                              f"(batch_size {batch_size} x world_size {world_size}); use a smaller batch size")

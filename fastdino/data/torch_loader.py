@@ -134,7 +134,7 @@ class MultiCropLoader:
             raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
         self.dataset, self.batch_size, self.seed = dataset, batch_size, seed
         self.rank, self.world_size, self.drop_last = rank, world_size, drop_last
-        num_samples = len(dataset)
+        num_samples = self.num_images = len(dataset)
         if drop_last and num_samples < batch_size * world_size:
             raise ValueError(f"the dataset has {num_samples} images, fewer than one global batch "
                              f"(batch_size {batch_size} x world_size {world_size}); use a smaller batch size")

@@ -122,6 +122,20 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
+def packed_kernel(backend: str, device: torch.device, dtype: torch.dtype, head_dim: int) -> str:
+    """What `packed_attention` runs for `backend` on tensors of `device` and `dtype`: 'xformers' (its block-diagonal
+    bias), 'varlen_flash' (PyTorch's variable-length flash attention: sdpa on CUDA in fp16/bf16 where it runs), else
+    'sdpa_mask' or 'math_mask' (an explicit block-diagonal mask: a reference path, not a fast one)."""
+    backend = resolve_backend(backend, device)
+    if backend == "xformers":
+        return backend
+    flash_shape = head_dim % 8 == 0 and head_dim <= 256
+    if (backend == "sdpa" and device.type == "cuda" and dtype in (torch.float16, torch.bfloat16) and flash_shape
+            and torch_varlen_usable(device.index or 0)):
+        return "varlen_flash"
+    return f"{backend}_mask"
+
+
 def attention_probabilities(q: Tensor, k: Tensor) -> Tensor:
     """Softmax attention weights of the reference formula.
 
@@ -197,18 +211,16 @@ def packed_attention(
             f"packed attention expects q of shape [1, sum(seq_lens), heads, head_dim]; got {tuple(q.shape)} "
             f"with sum(seq_lens) = {sum(seq_lens)}"
         )
-    backend = resolve_backend(backend, q.device)
-    if backend == "xformers":
+    kernel = packed_kernel(backend, q.device, q.dtype, q.shape[-1])
+    if kernel == "xformers":
         import xformers.ops as xops
         from xformers.ops.fmha.attn_bias import BlockDiagonalMask
 
         bias = BlockDiagonalMask.from_seqlens(list(seq_lens), device=q.device)
         return xops.memory_efficient_attention(q, k, v, attn_bias=bias)
-    flash_shape = q.shape[-1] % 8 == 0 and q.shape[-1] <= 256
-    if (backend == "sdpa" and q.device.type == "cuda" and q.dtype in (torch.float16, torch.bfloat16) and flash_shape
-            and torch_varlen_usable(q.device.index)):
+    if kernel == "varlen_flash":
         return _torch_varlen_attention(q, k, v, seq_lens)
-    attend = _sdpa_attention if backend == "sdpa" else _math_attention
+    attend = _sdpa_attention if kernel == "sdpa_mask" else _math_attention
     outputs, start = [], 0
     for chunk in _chunks_of_whole_sequences(seq_lens, chunk_tokens):
         end = start + sum(chunk)
