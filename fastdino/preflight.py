@@ -18,15 +18,20 @@ Allowed on the CPU because they run there: fast.fused_ema, fast.packed, fast.eff
 """
 from __future__ import annotations
 
+import logging
 import os
+from collections.abc import Collection
 
 import torch
 
 from fastdino.config import Config, ConfigError, knn_requested_by
+from fastdino.errors import is_first_process
 from fastdino.rules import Rule
-from fastdino.data.datasets import DatasetError, find_images
+from fastdino.data.datasets import DatasetError, find_images, ignored_loose_images
 from fastdino.kernels.runtime import kernels_usable
 from fastdino.run_folder import check_usable
+
+log = logging.getLogger("fastdino")
 
 
 def check_runnable(config: Config) -> None:
@@ -35,8 +40,8 @@ def check_runnable(config: Config) -> None:
     device = torch.device("cuda") if uses_cuda(config) else torch.device("cpu")
     check_precision(config, device)
     check_fast_paths(config, device)
-    check_data(config)
     check_usable(config.output_dir)
+    check_data(config)
 
 
 def uses_cuda(config: Config) -> bool:
@@ -94,11 +99,13 @@ def _check_xformers(device: torch.device) -> None:
 
 
 def check_data(config: Config) -> None:
-    """data.path holds at least one global batch of images; the kNN folders hold images when a kNN is asked for."""
+    """data.path holds at least one global batch of images; the kNN folders hold images when a kNN is asked for.
+    Then says how many images are used, and which loose ones are not."""
     data = config.data
     if not data.path:
         raise ConfigError("data.path is not set: pass data.path=/path/to/images")
-    count = len(_images("data.path", data.path))
+    samples = _images("data.path", data.path)
+    count = len(samples)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     needed = data.batch_size_per_gpu * world_size
     if needed > count:
@@ -111,14 +118,43 @@ def check_data(config: Config) -> None:
         if config.eval.knn_k > train_count:
             raise ConfigError(f"eval.knn_k={config.eval.knn_k}: must be <= the {train_count} images of "
                               f"eval.knn_train_path={config.eval.knn_train_path}")
+    if is_first_process():  # after every check: a refused setting stays one line
+        _say_what_is_used(data.path, count, len({label for _, label in samples if label >= 0}))
+
+
+def _say_what_is_used(path: str, count: int, classes: int) -> None:
+    """The dataset line of the start ("1,234 images in 10 class folders"), and the loose images it leaves out."""
+    log.info("data.path=%s: %s images%s", path, f"{count:,}",
+             f" in {classes:,} class folders" if classes else " (a flat folder)")
+    loose = ignored_loose_images(path)
+    if loose:
+        log.warning("data.path=%s: %s image%s directly in it (%s%s) %s not used: beside class folders, only the "
+                    "images inside them count; move them into a folder to train on them", path, f"{len(loose):,}",
+                    "s" if len(loose) > 1 else "", ", ".join(loose[:3]), ", ..." if len(loose) > 3 else "",
+                    "are" if len(loose) > 1 else "is")
 
 
 def _images(key: str, path: str) -> list[tuple[str, int]]:
-    """The images of the folder setting `key` names; ConfigError naming the key when there are none."""
+    """The images of the folder setting `key` names; ConfigError naming the key when there are none (and, for a
+    relative path, the working directory it was read from)."""
     try:
         return find_images(path)[0]
     except DatasetError as error:
-        raise ConfigError(f"{key}={path}: {error}") from None
+        where = "" if os.path.isabs(path) else f" (relative paths are read from the working directory, {os.getcwd()})"
+        raise ConfigError(f"{key}={path}: {error}{where}") from None
+
+
+def unnamed_knn_data(config: Config, named: Collection[str]) -> str:
+    """A warning when the command line names the training images (`named`: the keys it set) but a kNN the config
+    file asks for would evaluate on the file's own kNN folders, which the user did not name; "" otherwise."""
+    knn = knn_requested_by(config)
+    knn_keys = ("eval.knn_train_path", "eval.knn_val_path")
+    if not knn or "data.path" not in named or any(key in named for key in knn_keys):
+        return ""
+    return (f"{knn} evaluates on eval.knn_train_path={config.eval.knn_train_path} and eval.knn_val_path="
+            f"{config.eval.knn_val_path} from the config file, not on data.path={config.data.path}: pass labelled "
+            "folders of your own data as eval.knn_train_path=... eval.knn_val_path=..., or turn the kNN off with "
+            "eval.final_knn=false eval.knn_every_epochs=0")
 
 
 def device_option() -> Rule:

@@ -12,10 +12,10 @@ import argparse
 import logging
 import sys
 
-from fastdino.config import load_config
+from fastdino.config import load_config, parse_override
 from fastdino.rules import CheckedArgumentParser
 from fastdino.errors import is_first_process, report_usage_errors
-from fastdino.preflight import check_runnable
+from fastdino.preflight import check_runnable, unnamed_knn_data
 from fastdino.settings_help import settings_help
 
 
@@ -32,6 +32,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     config = load_config(args.config, args.overrides)
     check_runnable(config)  # before the trainer is imported and the output folder exists: bad settings cost seconds
+    warning = unnamed_knn_data(config, {parse_override(text)[0] for text in args.overrides})
+    if warning and is_first_process():
+        logging.getLogger("fastdino").warning(warning)
 
     from fastdino.distributed import init_distributed, shutdown_distributed
     from fastdino.guard import EXIT_GUARD_STOP, GuardStop

@@ -20,7 +20,7 @@ from fastdino.config import get_value, load_config
 
 ROOT = Path(__file__).parent.parent
 CONFIGS = ROOT / "configs"
-NOT_RELEASED_RUNS = {"demo.yaml"}  # the CPU demo: a scaled-down recipe, no released run behind it
+NOT_RELEASED_RUNS = {"demo.yaml", "small.yaml"}  # the CPU demo and the small-dataset recipe: no released run
 
 # args.txt name -> fastdino config key. use_fp16 and world_size have no config key: fastdino's precision is its own
 # choice (bf16 autocast by default), and the world size is the number of processes a run is started with.

@@ -80,6 +80,15 @@ def find_images(root: str | Path) -> tuple[list[tuple[str, int]], list[str]]:
     return samples, class_dirs
 
 
+def ignored_loose_images(root: str | Path) -> list[str]:
+    """Images directly in `root` beside class folders: `find_images` leaves them out (as torchvision's ImageFolder
+    does), which a user who mixed the two layouts should hear about."""
+    entries = list(os.scandir(root))
+    if not any(entry.is_dir() and not entry.name.startswith(".") for entry in entries):
+        return []
+    return sorted(entry.name for entry in entries if entry.is_file() and is_image_file(entry.name))
+
+
 def load_rgb(path: str | Path) -> Image.Image:
     """Decode an image file fully (so truncation is detected here) and convert it to 8-bit RGB.
 
