@@ -1,3 +1,7 @@
 """fastdino: fast DINO self-supervised pretraining of vision transformers."""
+from importlib.metadata import PackageNotFoundError, version
 
-__version__ = "0.1.0"
+try:
+    __version__ = version("fastdino")  # setup.py's, as installed: the version is written in one place
+except PackageNotFoundError:  # a checkout used without installing it (torch.hub's source="local")
+    __version__ = "unknown (not installed)"

@@ -12,6 +12,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from fastdino import __version__
 from fastdino.errors import UsageError, report_usage_errors
 
 # command words -> (module whose main runs it, one line for `fastdino --help`)
@@ -42,7 +43,8 @@ def usage(group: str = "") -> str:
     meanings = {words: meaning for words, (_, meaning) in COMMANDS.items()}
     meanings["bench NAME"] = "a benchmark of the checkout's bench/ folder against its baseline:"
     width = max(map(len, meanings)) + 4
-    lines = ["usage: fastdino COMMAND [options]   (`fastdino COMMAND --help` for its options)", "", "commands:"]
+    lines = ["usage: fastdino COMMAND [options]   (`fastdino COMMAND --help` for its options; `fastdino --version`)",
+             "", "commands:"]
     for words, meaning in meanings.items():
         if group in ("", words.split()[0]):
             lines.append(f"  {words:<{width}}{meaning}")
@@ -52,12 +54,12 @@ def usage(group: str = "") -> str:
 
 
 def _run_benchmark(words: list[str]) -> int:
+    """`fastdino bench NAME [options]` (`words`: NAME and its options; `fastdino bench` alone is its --help)."""
     scripts = benchmarks()
     if not scripts:
         raise UsageError(f"fastdino bench needs a checkout of fastdino: no bench/ folder at {BENCH_DIR}")
-    if not words or words[0] not in scripts:
-        given = f"{words[0]!r} is not one" if words else "name one"
-        raise UsageError(f"fastdino bench NAME: {given} of {', '.join(scripts)}")
+    if words[0] not in scripts:
+        raise UsageError(f"fastdino bench NAME: {words[0]!r} is not one of {', '.join(scripts)}")
     sys.argv = [f"fastdino bench {words[0]}", *words[1:]]
     runpy.run_path(str(scripts[words[0]]), run_name="__main__")  # the script ends with its own sys.exit
     return 0
@@ -69,7 +71,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not words or words[0] in ("-h", "--help"):
         print(usage())
         return 0
-    if words[0] in GROUPS and words[1:] in (["-h"], ["--help"]):
+    if words == ["--version"]:
+        print(f"fastdino {__version__}")
+        return 0
+    if words[0] in GROUPS and words[1:] in ([], ["-h"], ["--help"]):  # a group alone lists it, as `fastdino` alone
         print(usage(words[0]))
         return 0
     if words[0] == "bench":

@@ -8,7 +8,8 @@ The backbone keys of DINO's ViT are the same in the reference's layout and in ti
 `patch_embed.proj.*`, `blocks.<i>.*`, `norm.*`), so both formats hold the same tensors; `--format` says which
 independently written model the file is checked against (timm's VisionTransformer for both, plus fastdino's ViT for
 the reference layout). A `.safetensors` name writes safetensors, which timm and the Hugging Face tools load without
-unpickling anything; any other name a plain tensor dict that PyTorch's restricted loader (weights_only) reads.
+unpickling anything; a `.pth` or `.pt` name a plain tensor dict that PyTorch's restricted loader (weights_only) reads.
+Any other suffix is refused before anything is written (`--out x.onnx` would otherwise hold a pickle).
 `--format reference-run` writes the whole training state instead, as the reference's main_dino.py saves it, for the
 reference to resume (fastdino.reference_run).
 """
@@ -25,12 +26,15 @@ from torch import nn
 from fastdino import checkpoint as checkpoint_io
 from fastdino.rules import CheckedArgumentParser, existing_path
 from fastdino.distributed import full_state_dict
-from fastdino.errors import report_usage_errors
+from fastdino.errors import UsageError, report_usage_errors
 from fastdino.hub import backbone_state_dict, describe_backbone, load_checkpoint_file, load_pretrained
 from fastdino.models.vit import ARCHITECTURES
 from fastdino.reference_run import export_reference_run
 
 FORMATS = ("reference", "timm", "reference-run")
+# what is written -> the --out suffixes it is written under; any other name would hold a pickle its suffix misnames
+PICKLE = "a PyTorch pickle"
+SUFFIXES = {"safetensors": (".safetensors",), PICKLE: (".pth", ".pt")}
 EXPORT_FILE = "teacher_export.pth"
 
 
@@ -47,6 +51,17 @@ def export_teacher(trainer, path: str | Path | None = None, include_head: bool =
         checkpoint_io.save_atomic(weights if include_head else backbone_state_dict(weights), path)
     trainer.ctx.barrier()
     return path
+
+
+def check_out_suffix(out: Path, format: str) -> None:
+    """UsageError, before anything is read or written, for an `--out` suffix this command does not write: x.onnx
+    would get a PyTorch pickle under a name that promises ONNX. (A reference run's .safetensors is refused by
+    export_reference_run, which says why.)"""
+    if not any(out.suffix in suffixes for suffixes in SUFFIXES.values()):
+        accepted = ", ".join(f"{' or '.join(suffixes)} ({written})" for written, suffixes in SUFFIXES.items()
+                             if format != "reference-run" or written == PICKLE)
+        raise UsageError(f"--out {out}: fastdino export --format {format} does not write "
+                         f"{out.suffix or 'a name without suffix'}; name the file {accepted}")
 
 
 def write_weights(state_dict: dict[str, torch.Tensor], out: Path) -> None:
@@ -86,6 +101,7 @@ def export(source: str | Path, out: str | Path, format: str = "reference", check
     return a one-line description of what was written."""
     if format not in FORMATS:
         raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {format!r}")
+    check_out_suffix(Path(out), format)
     if format == "reference-run":
         return export_reference_run(source, out)
     source, out = Path(source), Path(out)
@@ -119,7 +135,8 @@ def main(argv: Sequence[str] | None = None) -> str:
                                    rules={"checkpoint": existing_path})
     parser.add_argument("checkpoint", help="fastdino checkpoint.pth or checkpoint_dcp/ folder, or a reference "
                                            "checkpoint (full or backbone-only)")
-    parser.add_argument("--out", required=True, help="file to write: .safetensors or .pth")
+    parser.add_argument("--out", required=True,
+                        help="file to write: .safetensors (not with reference-run), or .pth or .pt (a PyTorch pickle)")
     parser.add_argument("--format", choices=FORMATS, default="reference",
                         help="key layout and the model it is checked against (default: reference); reference-run: "
                              "the whole training state as a main_dino.py checkpoint.pth, to resume in the reference")

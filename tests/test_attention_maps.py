@@ -9,8 +9,8 @@ from PIL import Image
 from torchvision import transforms
 
 from fastdino.data import IMAGENET_MEAN, IMAGENET_STD
-from fastdino.eval.attention import (attention_comparison, attention_maps, held_out_examples, main,
-                                     save_attention_comparison, save_attention_maps, threshold_mask)
+from fastdino.eval.attention import (attention_comparison, attention_maps, default_image_size, held_out_examples,
+                                     main, save_attention_comparison, save_attention_maps, threshold_mask)
 from fastdino.hub import export_backbone
 from fastdino.eval.plots import plot_training_curves
 from fastdino.models import vit_tiny
@@ -141,6 +141,54 @@ def test_command_line_draws_every_image_of_a_folder(tmp_path, capsys):
               str(tmp_path / "nowhere"), "--device", "cpu"])
     assert stop.value.code == 2
     assert capsys.readouterr().err == f"error: --image={tmp_path / 'nowhere'}: must be an existing file or folder\n"
+
+
+def test_a_corrupt_image_is_one_warning_and_the_good_ones_are_still_drawn(tmp_path, capsys):
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.new("RGB", (24, 20), (10, 80, 160)).save(images / "a.png")
+    (images / "b.jpg").write_bytes(b"not a jpeg")  # between the two good ones: the one after it is still drawn
+    Image.new("RGB", (20, 24), (160, 80, 10)).save(images / "c.png")
+    torch.manual_seed(5)
+    checkpoint = export_backbone(vit_tiny(patch_size=8, depth=1, img_size=16), tmp_path / "backbone.pth")
+    arguments = ["--checkpoint", str(checkpoint), "--image-size", "16", "--device", "cpu"]
+    written = main([*arguments, "--image", str(images), "--out-dir", str(tmp_path / "out")])
+    assert sorted(path.name for path in written if path.name.endswith("overview.png")) == ["a-overview.png",
+                                                                                         "c-overview.png"]
+    err = capsys.readouterr().err
+    assert err.startswith(f"warning: skipped {images / 'b.jpg'}: cannot be decoded (") and err.count("\n") == 1, err
+    # no image usable at all (a folder, a file): one line, exit code 2, nothing written
+    (images / "a.png").write_bytes(b"\x89PNG\r\n\x1a\n cut short")
+    (images / "c.png").unlink()
+    for image, expected in ((images, f"error: --image {images}: no image to draw: {images / 'a.png'} cannot be "
+                                     "decoded (UnidentifiedImageError: "),
+                            (images / "b.jpg", f"error: --image {images / 'b.jpg'}: no image to draw: ")):
+        with pytest.raises(SystemExit) as stop:
+            main([*arguments, "--image", str(image), "--out-dir", str(tmp_path / "none")])
+        err = capsys.readouterr().err
+        assert stop.value.code == 2 and err.startswith(expected) and err.count("\n") == 1, err
+    assert not (tmp_path / "none").exists()
+
+
+@pytest.mark.parametrize("patch, side", [(4, 240), (16, 480)])
+def test_the_default_image_size_keeps_the_references_patches_per_side(patch, side, tmp_path):
+    """The reference's 480 px pictures are 60 patches per side at patch 8; at patch 4 they would be 120 and cost 16
+    times the attention's memory (14.6 GB for one photo of the demo's model), so patch 4 gets 240 px."""
+    assert default_image_size(8) == 480
+    Image.new("RGB", (20, 20), (10, 80, 160)).save(tmp_path / "photo.png")
+    checkpoint = export_backbone(vit_tiny(patch_size=patch, depth=1, img_size=2 * patch), tmp_path / "backbone.pth")
+    main(["--checkpoint", str(checkpoint), "--image", str(tmp_path / "photo.png"), "--out-dir", str(tmp_path / "out"),
+          "--device", "cpu"])
+    with Image.open(tmp_path / "out" / "photo.png") as picture:
+        assert picture.size == (side, side)
+
+
+def test_an_image_size_below_one_patch_is_one_line(tmp_path, capsys):
+    checkpoint = export_backbone(vit_tiny(patch_size=8, depth=1, img_size=16), tmp_path / "backbone.pth")
+    with pytest.raises(SystemExit) as stop:
+        main(["--checkpoint", str(checkpoint), "--image-size", "7", "--device", "cpu", "--out-dir", str(tmp_path)])
+    assert stop.value.code == 2
+    assert capsys.readouterr().err == "error: --image-size 7: must be at least the backbone's patch size (8)\n"
 
 
 def test_mask_overlay_tints_exactly_the_kept_patches(tmp_path):

@@ -1,6 +1,7 @@
 """The `fastdino` command: installed with the package, one line per command in its help, every training setting
 with its default and meaning in `fastdino train --help`, and each subcommand the same command as its module's."""
 import importlib
+import importlib.metadata
 import re
 import subprocess
 import sys
@@ -9,6 +10,7 @@ from pathlib import Path
 import pytest
 from test_config_validation import config_keys
 
+import fastdino
 from fastdino import cli
 from fastdino.config import Config, get_value
 from fastdino.rules import show
@@ -103,3 +105,22 @@ def test_a_command_group_help_lists_its_commands(group):
     expected = ({"eval knn", "eval linear", "eval attention"} if group == "eval" else
                 {"bench NAME", *(path.stem.removeprefix("bench_") for path in (REPO / "bench").glob("bench_*.py"))})
     assert listed == expected
+
+
+@pytest.mark.parametrize("group", ["eval", "bench"])
+def test_a_command_group_alone_lists_its_commands_as_fastdino_alone_does(group, capsys, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["fastdino"])
+    assert cli.main([group]) == 0 and cli.main([]) == 0  # `fastdino` alone lists every command, exit code 0
+    assert capsys.readouterr().out == f"{cli.usage(group)}\n{cli.usage()}\n"
+
+
+def test_version_is_setup_pys_as_installed():
+    result = run("--version")
+    setup_version = re.search(r'\bversion="([^"]+)"', (REPO / "setup.py").read_text()).group(1)
+    assert result.returncode == 0 and result.stdout == f"fastdino {setup_version}\n", result
+    assert fastdino.__version__ == importlib.metadata.version("fastdino") == setup_version
+    # a checkout imported without being installed (torch.hub's source="local") still imports, and says so
+    uninstalled = run("-c", "import importlib.metadata as m\ndef missing(name): raise m.PackageNotFoundError(name)\n"
+                            "m.version = missing\nimport fastdino\nprint(fastdino.__version__)",
+                      command=(sys.executable,))
+    assert uninstalled.returncode == 0 and uninstalled.stdout == "unknown (not installed)\n", uninstalled

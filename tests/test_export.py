@@ -16,7 +16,7 @@ from test_vit import reference_interpolate_pos_encoding
 from fastdino import checkpoint, sharded_checkpoint
 from fastdino.checkpoint import CheckpointError, UntrustedCheckpointError
 from fastdino.distributed import DistributedContext
-from fastdino.export import export, read_weights, timm_model
+from fastdino.export import export, main as export_main, read_weights, timm_model
 from fastdino.hub import describe_backbone, load_pretrained
 from fastdino.trainer import Trainer
 
@@ -180,6 +180,30 @@ def test_export_command_prints_what_it_wrote(demo_like_run, tmp_path):
     bad = subprocess.run([sys.executable, "-m", "fastdino.export", str(run / checkpoint.LATEST), "--out",
                           str(tmp_path / "x.pth"), "--format", "onnx"], capture_output=True, text=True, cwd=REPO)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "--format" in bad.stderr
+
+
+@pytest.mark.parametrize("name, format", [("x.onnx", "reference"), ("x", "timm"), ("x.onnx", "reference-run")])
+def test_a_suffix_export_does_not_write_is_refused_before_writing(demo_like_run, tmp_path, capsys, name, format):
+    """`--out x.onnx` wrote a PyTorch pickle under that name: refused, one line listing the suffixes written."""
+    run, _, _ = demo_like_run
+    with pytest.raises(SystemExit) as stop:
+        export_main([str(run / checkpoint.LATEST), "--out", str(tmp_path / "out" / name), "--format", format])
+    error = capsys.readouterr().err
+    accepted = ".pth or .pt (a PyTorch pickle)"
+    if format != "reference-run":  # a reference run is main_dino.py's pickle, never safetensors
+        accepted = f".safetensors (safetensors), {accepted}"
+    assert stop.value.code == 2 and error.count("\n") == 1 and error.endswith(f"; name the file {accepted}\n"), error
+    assert error.startswith(f"error: --out {tmp_path / 'out' / name}: fastdino export --format {format} does not "
+                            f"write {'.onnx' if name.endswith('.onnx') else 'a name without suffix'}")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_pt_name_is_a_pytorch_pickle(demo_like_run, tmp_path):
+    run, _, trainer = demo_like_run
+    export(run / checkpoint.LATEST, tmp_path / "teacher.pt", "timm")
+    independent = timm_model({"arch": "vit_tiny", "patch_size": 4, "depth": 4, "img_size": 16})
+    independent.load_state_dict(torch.load(tmp_path / "teacher.pt", weights_only=True), strict=True)
+    assert torch.allclose(features(independent, 16), features(trainer.teacher.backbone, 16), atol=1e-5)
 
 
 def test_an_incomplete_sharded_folder_is_one_line(tmp_path):

@@ -305,3 +305,11 @@ def test_an_image_size_that_does_not_cut_into_patches_is_one_line(probe_data, ca
     arguments[arguments.index("--image-size") + 1] = "15"
     line = usage_error(arguments, capsys)
     assert line == "error: --image-size 15: must be a multiple of the backbone's patch size (8), e.g. 8"
+
+
+@pytest.mark.parametrize("typed", ["0", "-1e-5", "0.00", "inf"])
+def test_a_bad_lr_is_refused_as_typed(probe_data, capsys, typed):
+    arguments = command(probe_data)
+    del arguments[arguments.index("--lr"):arguments.index("--lr") + 2]
+    line = usage_error([*arguments, f"--lr={typed}"], capsys)
+    assert line == f"error: --lr={typed}: must be > 0, a finite number"

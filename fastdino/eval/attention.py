@@ -2,10 +2,16 @@
 
 For each head: the CLS token's attention over the patch tokens, upsampled (nearest) to the image, and the mask of
 the most-attended patches that together hold `keep` (60%) of that head's attention mass, drawn over the image.
+
+Default image size: the reference draws 480 px pictures, 60 patches per side at patch 8. Attention costs the square
+of the number of patches, so a smaller patch at 480 px costs far more (patch 4: 120 per side, 16 times the
+attention; the demo's model took 106 s and 14.6 GB for one photo); the default is therefore at most 60 patches per
+side and at most 480 px: 480 px for patch 8 and 16 (as the reference), 240 px for patch 4.
 """
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -22,8 +28,18 @@ from torchvision import transforms  # noqa: E402
 from fastdino.config import RULES  # noqa: E402
 from fastdino.rules import CheckedArgumentParser, between, existing_path, not_a_file  # noqa: E402
 from fastdino.data import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
-from fastdino.data.datasets import find_images, load_rgb  # noqa: E402
-from fastdino.errors import report_usage_errors  # noqa: E402
+from fastdino.data.datasets import _DECODE_ERRORS, find_images, load_rgb  # noqa: E402
+from fastdino.errors import UsageError, report_usage_errors  # noqa: E402
+
+# The reference's pictures: 480 px at patch 8, i.e. 60 patches per side (see the module docstring).
+REFERENCE_IMAGE_SIZE = 480
+REFERENCE_PATCHES_PER_SIDE = 60
+
+
+def default_image_size(patch_size: int) -> int:
+    """Shorter side for a backbone with this patch size: the reference's 480 px, but no more than its 60 patches per
+    side, so a small patch does not multiply the attention's time and memory (480 for patch 8 and 16, 240 for 4)."""
+    return min(REFERENCE_IMAGE_SIZE, REFERENCE_PATCHES_PER_SIDE * patch_size)
 
 
 def threshold_mask(attn: torch.Tensor, keep: float = 0.6) -> torch.Tensor:
@@ -177,15 +193,18 @@ def save_attention_comparison(backbones: dict[str, nn.Module], images: Sequence[
 
 
 def save_attention_maps(backbone: nn.Module, image: Image.Image | str | os.PathLike, out_dir: str | os.PathLike,
-                        image_size: int = 480, name: str = "image", keep: float = 0.6) -> list[Path]:
+                        image_size: int | None = None, name: str = "image", keep: float = 0.6) -> list[Path]:
     """Write the attention pictures of one image; return the written paths.
 
-    The image (PIL or a file) is resized so its shorter side is `image_size` and cropped to a multiple of the
-    patch size. Files in out_dir: `{name}.png` (the image), `{name}-attn-head{j}.png` (head j's attention map),
-    `{name}-mask-head{j}.png` (head j's `keep`-mass mask over the image), `{name}-overview.png` (all in one figure).
+    The image (PIL or a file) is resized so its shorter side is `image_size` (default: `default_image_size` of the
+    backbone's patch) and cropped to a multiple of the patch size. Files in out_dir: `{name}.png` (the image),
+    `{name}-attn-head{j}.png` (head j's attention map), `{name}-mask-head{j}.png` (head j's `keep`-mass mask over
+    the image), `{name}-overview.png` (all in one figure).
     """
     if not isinstance(image, Image.Image):
         image = load_rgb(image)
+    if image_size is None:
+        image_size = default_image_size(backbone.patch_size)
     picture = _resized(image, image_size, backbone.patch_size)
     maps = attention_maps(backbone, _normalized(picture))                          # [heads, h, w]
     heads, grid_h, grid_w = maps.shape
@@ -231,6 +250,29 @@ def _images_to_draw(image_arg: str | None) -> list[tuple[str, Image.Image | str]
     return pairs
 
 
+def _draw(backbone: nn.Module, image_arg: str | None, out_dir: str, image_size: int, keep: float) -> list[Path]:
+    """`save_attention_maps` of every image of `--image` that decodes. A corrupt file among good ones is a warning
+    line naming it, after the pictures (where it is not scrolled away), not the end of the command; UsageError (one
+    line) when none decodes."""
+    written: list[Path] = []
+    unreadable: list[tuple[str, str]] = []  # (file, why)
+    for name, image in _images_to_draw(image_arg):
+        try:
+            picture = image if isinstance(image, Image.Image) else load_rgb(image)
+        except _DECODE_ERRORS as error:
+            unreadable.append((str(image), f"{type(error).__name__}: {error}"))
+            continue
+        written += save_attention_maps(backbone, picture, out_dir, image_size, name, keep)
+        print(f"{name}: attention pictures written to {out_dir}")
+    if not written:
+        file, why = unreadable[0]
+        others = f" ({len(unreadable) - 1} more cannot either)" if len(unreadable) > 1 else ""
+        raise UsageError(f"--image {image_arg}: no image to draw: {file} cannot be decoded ({why}){others}")
+    for file, why in unreadable:
+        print(f"warning: skipped {file}: cannot be decoded ({why})", file=sys.stderr)
+    return written
+
+
 @report_usage_errors
 def main(argv: Sequence[str] | None = None) -> list[Path]:
     from fastdino.eval.knn import backbone_option_rules
@@ -242,18 +284,23 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
                                    rules=rules)
     add_backbone_arguments(parser)
     parser.add_argument("--image", default=None,
-                        help="an image file or a folder of images (default: a few bundled photos)")
+                        help="an image file or a folder of images (default: a few bundled photos); a file that "
+                             "cannot be decoded is skipped with a warning")
     parser.add_argument("--out-dir", default="attention_maps", help="where the PNG files go")
-    parser.add_argument("--image-size", type=int, default=480, help="shorter side of the image after resizing")
+    parser.add_argument("--image-size", type=int, default=None,
+                        help=f"shorter side of the image after resizing (default: the reference's "
+                             f"{REFERENCE_IMAGE_SIZE} px, but at most its {REFERENCE_PATCHES_PER_SIDE} patches per "
+                             f"side: {default_image_size(8)} px for patch 8 and 16, {default_image_size(4)} px for "
+                             f"patch 4, where {REFERENCE_IMAGE_SIZE} px would take 16 times the attention's memory)")
     parser.add_argument("--keep", type=float, default=0.6, help="attention mass kept by the masks")
     args = parser.parse_args(argv)
 
     backbone = backbone_from_arguments(args).to(args.device)
-    written = []
-    for name, image in _images_to_draw(args.image):
-        written += save_attention_maps(backbone, image, args.out_dir, args.image_size, name, args.keep)
-        print(f"{name}: attention pictures written to {args.out_dir}")
-    return written
+    image_size = default_image_size(backbone.patch_size) if args.image_size is None else args.image_size
+    if image_size < backbone.patch_size:
+        raise UsageError(f"--image-size {image_size}: must be at least the backbone's patch size "
+                         f"({backbone.patch_size})")
+    return _draw(backbone, args.image, args.out_dir, image_size, args.keep)
 
 
 if __name__ == "__main__":

@@ -42,7 +42,8 @@ from torchvision import transforms
 
 from fastdino import checkpoint as checkpoint_io
 from fastdino.config import RULES
-from fastdino.rules import CheckedArgumentParser, existing_file, existing_folder, not_a_file, positive
+from fastdino.rules import (INVALID, CheckedArgumentParser, Rule, convert, existing_file, existing_folder, not_a_file,
+                            positive)
 from fastdino.data import IMAGENET_MEAN, IMAGENET_STD, ImageFolderDataset, epoch_batches
 from fastdino.data.torch_loader import SeededSamples
 from fastdino.distributed import init_distributed, print_on_rank0, rank_and_world_size, shutdown_distributed, unwrap
@@ -56,6 +57,10 @@ ValBatches = Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]]
 # The paper's choice per architecture: (n_last_blocks, avgpool).
 FEATURE_RULES = {"vit_tiny": (4, False), "vit_small": (4, False), "vit_base": (1, True)}
 LOG_FILE = "log.txt"
+# --lr is checked as typed, so a refusal shows the value given (`--lr=0`, not float's `0.0`; `-1e-5`, not `-1e-05`);
+# float() also reads inf and nan, which the training settings refuse too
+LR_AS_TYPED = Rule(f"{RULES['optim.lr'].allowed}, a finite number",
+                   lambda text: (value := convert(text, float)) is not INVALID and RULES["optim.lr"].allows(value))
 
 
 def linear_features(backbone: nn.Module, images: torch.Tensor, n_last_blocks: int = 4,
@@ -364,7 +369,7 @@ def _parse_arguments(argv: Sequence[str] | None):
 
     rules = {**backbone_option_rules(), "--train-dir": existing_folder, "--val-dir": existing_folder,
              "--image-size": RULES["eval.image_size"], "--n-last-blocks": positive, "--epochs": RULES["optim.epochs"],
-             "--batch-size": positive, "--lr": RULES["optim.lr"], "--num-workers": RULES["data.num_workers"],
+             "--batch-size": positive, "--lr": LR_AS_TYPED, "--num-workers": RULES["data.num_workers"],
              "--seed": RULES["seed"], "--output-dir": not_a_file, "--pretrained-linear": existing_file}
     parser = CheckedArgumentParser(description="Linear probe of a frozen DINO backbone (the DINO paper's protocol, "
                                                "as the reference's eval_linear.py); under torchrun the work is split "
@@ -382,7 +387,7 @@ def _parse_arguments(argv: Sequence[str] | None):
     parser.add_argument("--batch-size", type=int, default=128,
                         help="images per step and process (the reference's --batch_size_per_gpu); the global batch "
                              "is this times the number of processes")
-    parser.add_argument("--lr", type=float, default=0.001,
+    parser.add_argument("--lr", default="0.001",
                         help="learning rate for a global batch of 256, scaled linearly with the global batch")
     parser.add_argument("--num-workers", type=int, default=EVAL_WORKERS, help="data-loading processes per process")
     parser.add_argument("--seed", type=int, default=0, help="classifier init, image order and augmentation")
@@ -396,6 +401,7 @@ def _parse_arguments(argv: Sequence[str] | None):
                         help="with --evaluate: a classifier file (a probe's checkpoint.pth or the reference's "
                              "released linear weights)")
     args = parser.parse_args(argv)
+    args.lr = float(args.lr)  # checked by LR_AS_TYPED
     if args.evaluate and args.pretrained_linear is None and args.output_dir is None:
         raise UsageError("--evaluate needs the classifier: --output-dir of a probe, or --pretrained-linear FILE")
     if not args.evaluate and args.train_dir is None:
