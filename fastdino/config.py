@@ -70,6 +70,9 @@ class DataConfig:
     global_crop_size: int = 224  # side in pixels of the two global crops
     local_crop_size: int = 96  # side in pixels of the local crops
     batch_size_per_gpu: int = 64  # images per process and step (the global batch is this times the world size)
+    # split each process's batch into this many equal micro-batches, one forward and backward each, whose gradients
+    # add up to the step of the whole batch (less memory, the same step; the center and optimizer move once)
+    micro_batches: int = 1
     num_workers: int = 10  # loader worker processes per training process; 0: load in the training process
 
 
@@ -102,7 +105,7 @@ class FastConfig:
 
     fused_loss: Switch = "auto"  # Triton DINO loss (CUDA)
     fused_ema: Switch = "auto"  # Triton EMA over flat buffers (CUDA)
-    packed: Switch = "auto"  # all crops in one packed forward (CUDA with xformers)
+    packed: Switch = "auto"  # crops in one forward (CUDA: xformers, or PyTorch's varlen flash attention in bf16/fp16)
     efficient_drop_path: Switch = "auto"  # residual branches only for kept samples (CUDA)
     fused_adamw: Switch = "auto"  # torch.optim.AdamW(fused=True) (CUDA)
     sync_free_clip: Switch = "auto"  # per-parameter clipping without a host sync per parameter (everywhere)
@@ -190,6 +193,7 @@ RULES: dict[str, Rule] = {
     "data.global_crop_size": positive,
     "data.local_crop_size": positive,
     "data.batch_size_per_gpu": positive,
+    "data.micro_batches": positive,
     "data.num_workers": zero_means("load in the training process"),
     "optim.optimizer": choices("adamw", "sgd"),
     "optim.lr": positive,
@@ -374,6 +378,9 @@ def validate(config: Config) -> None:
     if config.eval.attention_images:
         _enforce(Rule(f"must be >= model.patch_size ({patch})", lambda value: value >= patch),
                  "eval.attention_image_size", config.eval.attention_image_size)
+    batch = config.data.batch_size_per_gpu
+    _enforce(Rule(f"must divide data.batch_size_per_gpu ({batch}) into equal micro-batches",
+                  lambda value: batch % value == 0), "data.micro_batches", config.data.micro_batches)
     epochs = config.optim.epochs
     within_epochs = Rule(f"must be <= optim.epochs ({epochs})", lambda value: value <= epochs)
     for key in ("optim.warmup_epochs", "optim.freeze_last_layer", "dino.warmup_teacher_temp_epochs"):

@@ -15,7 +15,8 @@ Launch: `torchrun --nproc_per_node=8 train.py ...` (one node) or with `--nnodes`
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -205,6 +206,25 @@ def wrap_networks(
 def unwrap(module: nn.Module) -> nn.Module:
     """The network inside a DDP wrapper (FSDP2 modules are the network itself)."""
     return module.module if isinstance(module, DistributedDataParallel) else module
+
+
+@contextmanager
+def gradient_sync(module: nn.Module, enabled: bool) -> Iterator[None]:
+    """Backward passes inside reduce their gradients across ranks only when `enabled`: micro-batches before the last
+    accumulate locally (DDP's no_sync, FSDP2's set_requires_gradient_sync), so a step reduces once."""
+    if enabled:
+        yield
+    elif isinstance(module, DistributedDataParallel):
+        with module.no_sync():
+            yield
+    elif isinstance(module, FSDPModule):
+        module.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            module.set_requires_gradient_sync(True)
+    else:
+        yield
 
 
 def is_sharded(module: nn.Module) -> bool:

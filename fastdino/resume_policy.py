@@ -18,7 +18,8 @@ from fastdino.errors import UsageError
 SAME_TRAJECTORY = ("log_every", "monitor_every", "checkpoint_every", "saveckp_freq", "output_dir", "resume",
                    "eval.", "data.num_workers", "data.path", "resume_from.", "guard.")
 # Settings that change how the same algorithm is computed, not what it computes.
-SAME_ALGORITHM = ("device", "precision", "fast.", "model.attention", "distributed.", "data.loader")
+SAME_ALGORITHM = ("device", "precision", "fast.", "model.attention", "distributed.", "data.loader",
+                  "data.micro_batches")
 # The run continues by images seen (`step_by_images_seen`).
 BATCH = ("data.batch_size_per_gpu",)
 

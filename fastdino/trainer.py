@@ -35,13 +35,15 @@ from fastdino.distributed import (
     build_teacher_ema,
     full_state_dict,
     gather_objects,
+    gradient_sync,
     is_sharded,
     reshard,
     resolve_strategy,
     wrap_networks,
 )
 from fastdino.guard import Guard, GuardStop
-from fastdino.loss import DINOLoss
+from fastdino.kernels import DinoLossOutput
+from fastdino.loss import DINOLoss, mean_output
 from fastdino.hub import backbone_state_dict
 from fastdino.metrics import MetricsLogger
 from fastdino.optim import (
@@ -255,31 +257,28 @@ class Trainer:
                 "once there is room, the same command resumes from it")
 
     # ---------------------------------------------------------------- one step
-    def train_step(self, crops: list[torch.Tensor], monitors: bool = False):
-        """One step at `self.step` with the values its schedule record gives: forward both networks, backward,
-        clip, optimizer step, EMA. Returns the loss output (on device)."""
+    def train_step(self, crops: list[torch.Tensor], monitors: bool = False) -> DinoLossOutput:
+        """One optimizer step at `self.step` with the values its schedule record gives: forward both networks and
+        backward, per micro-batch (data.micro_batches), then clip, optimizer step, EMA. Returns the loss output of
+        the whole batch (on device)."""
         config, scheduled = self.config, self.schedules.at(self.step)
         for index, group in enumerate(self.optimizer.param_groups):
             group["lr"] = scheduled.lr
             if index == 0:
                 group["weight_decay"] = scheduled.weight_decay
         crops = [crop.to(self.device, non_blocking=True) for crop in crops]
-        autocast = torch.autocast(
-            self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype != torch.float32
-        )
-        with autocast:
-            with torch.no_grad():
-                teacher_logits = self.teacher(crops[:2])
-                reshard(self.teacher)  # FSDP: the next forward must gather the shards the EMA updates
-            student_logits = self.student(crops)
-        output = self.dino_loss(student_logits, teacher_logits, scheduled.teacher_temp, monitors=monitors)
-
+        micro_batches = config.data.micro_batches
         self.optimizer.zero_grad(set_to_none=True)
+        outputs = []
+        for index, part in enumerate(zip(*(crop.chunk(micro_batches) for crop in crops))):
+            last = index == micro_batches - 1
+            with gradient_sync(self.student, enabled=last):  # one gradient reduction per step, with the last
+                output = self._forward(list(part), scheduled.teacher_temp, monitors, last)
+                loss = output.loss / micro_batches  # equal micro-batches: the mean over the whole batch
+                (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+            outputs.append(output)
         if self.scaler is not None:
-            self.scaler.scale(output.loss).backward()
             self.scaler.unscale_(self.optimizer)
-        else:
-            output.loss.backward()
         if config.optim.clip_grad:
             clip = clip_gradients_ if self.fast.sync_free_clip else clip_gradients_reference_
             clip(self.student, config.optim.clip_grad)
@@ -293,7 +292,19 @@ class Trainer:
         self.ema.update(scheduled.teacher_momentum)
         self.dino_loss.synchronize_center()
         self.step += 1
-        return output
+        return outputs[0] if micro_batches == 1 else mean_output(outputs)
+
+    def _forward(self, crops: list[torch.Tensor], teacher_temp: float, monitors: bool, last: bool) -> DinoLossOutput:
+        """Teacher (no grad) and student on the crops of one micro-batch, and their loss."""
+        autocast = torch.autocast(
+            self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype != torch.float32
+        )
+        with autocast:
+            with torch.no_grad():
+                teacher_logits = self.teacher(crops[:2])
+                reshard(self.teacher)  # FSDP: the next forward must gather the shards the EMA updates
+            student_logits = self.student(crops)
+        return self.dino_loss(student_logits, teacher_logits, teacher_temp, monitors=monitors, last_micro_batch=last)
 
     # ---------------------------------------------------------------- the loop
     def train(self, stop_after_steps: int | None = None) -> dict[str, Any]:

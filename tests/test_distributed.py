@@ -49,23 +49,54 @@ def probe_images():
 
 
 # ------------------------------------------------------------------ what each rank does
-def scenario_step(ctx, work, data, strategy):
-    """Two steps on this rank's slice of fixed batches; then the full weights and the center (rank 0 saves)."""
+def scenario_step(ctx, work, data, strategy, micro_batches=1):
+    """Two steps on this rank's slice of fixed batches, in `micro_batches` pieces; then the full weights, the center
+    and the gradient reductions each step made (rank 0 saves)."""
     from fastdino.distributed import full_state_dict
 
-    trainer = Trainer(tiny_config(data, work / f"run_{strategy}", f"distributed.strategy={strategy}",
-                                  *STEP_SETTINGS), ctx)
+    # micro-batches with packed crops, the GPU default: FSDP2 reduce-scatters a block once per use in a backward, so
+    # with one forward per crop size the last micro-batch would reduce each block twice (docs/DESIGN.md)
+    packed = "fast.packed=true" if micro_batches > 1 else "fast.packed=false"
+    trainer = Trainer(tiny_config(data, work / f"run_{strategy}_{micro_batches}", f"distributed.strategy={strategy}",
+                                  f"data.micro_batches={micro_batches}", packed, *STEP_SETTINGS), ctx)
     assert trainer.strategy == strategy
+    reductions = count_gradient_reductions(trainer.student)
     rows = slice(ctx.rank * BATCH_PER_RANK, (ctx.rank + 1) * BATCH_PER_RANK)
     losses = []
     for step in range(2):
         crops = [crop[rows] for crop in fixed_batch(step, WORLD * BATCH_PER_RANK)]
         losses.append(ctx.mean(trainer.train_step(crops).loss.detach()).item())
     state = {"student": full_state_dict(trainer.student), "teacher": full_state_dict(trainer.teacher),
-             "center": trainer.dino_loss.center.clone(), "losses": losses}
+             "center": trainer.dino_loss.center.clone(), "losses": losses, "reductions": reductions}
     if ctx.is_main:
-        torch.save(state, work / f"step_{strategy}.pt")
+        torch.save(state, work / f"step_{strategy}_{micro_batches}.pt")
     return trainer
+
+
+def count_gradient_reductions(student) -> list[int]:
+    """A list that grows by one for each collective that reduces gradients: DDP's bucket all-reduces (a comm hook),
+    FSDP2's reduce-scatters (the torch.distributed calls it makes)."""
+    calls = []
+    if isinstance(student, torch.nn.parallel.DistributedDataParallel):
+        from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+        def counted_hook(state, bucket):
+            calls.append(1)
+            return allreduce_hook(state, bucket)
+
+        student.register_comm_hook(None, counted_hook)
+        return calls
+    for name in ("reduce_scatter_single", "reduce_scatter_tensor", "reduce_scatter"):  # the first is torch >= 2.12's
+        original = getattr(dist, name, None)
+        if original is None:
+            continue
+
+        def counted(*args, _original=original, **kwargs):
+            calls.append(1)
+            return _original(*args, **kwargs)
+
+        setattr(dist, name, counted)
+    return calls
 
 
 def scenario_export(ctx, work, trainer):
@@ -138,6 +169,8 @@ def _scenarios(ctx, work, data):
     fsdp_trainer = scenario_step(ctx, work, data, "fsdp")
     scenario_export(ctx, work, fsdp_trainer)
     scenario_step(ctx, work, data, "ddp")
+    for strategy in ("fsdp", "ddp"):
+        scenario_step(ctx, work, data, strategy, micro_batches=2)
     scenario_clip(ctx, work)
     scenario_resume(ctx, work, data)
 
@@ -166,11 +199,11 @@ def reference(two_ranks, tmp_path_factory):
     return single_process_reference(data, tmp_path_factory.mktemp("single"))
 
 
-@pytest.mark.parametrize("strategy", ["fsdp", "ddp"])
-def test_two_ranks_step_equals_one_rank_on_the_whole_batch(strategy, two_ranks, reference):
+@pytest.mark.parametrize("strategy, micro_batches", [("fsdp", 1), ("ddp", 1), ("fsdp", 2), ("ddp", 2)])
+def test_two_ranks_step_equals_one_rank_on_the_whole_batch(strategy, micro_batches, two_ranks, reference):
     work, _ = two_ranks
     trainer, losses = reference
-    got = torch.load(work / f"step_{strategy}.pt")
+    got = torch.load(work / f"step_{strategy}_{micro_batches}.pt")
     np.testing.assert_allclose(got["losses"], losses, rtol=1e-5)
     for network in ("student", "teacher"):
         expected = getattr(trainer, network).state_dict()
@@ -182,6 +215,13 @@ def test_two_ranks_step_equals_one_rank_on_the_whole_batch(strategy, two_ranks, 
     assert sum(not torch.equal(student[name], teacher[name]) for name in student) > len(student) // 2
     torch.testing.assert_close(got["center"], trainer.dino_loss.center, rtol=1e-5, atol=1e-7)
     assert trainer.dino_loss.center.abs().sum() > 0
+
+
+@pytest.mark.parametrize("strategy", ["fsdp", "ddp"])
+def test_micro_batches_reduce_gradients_once_per_step(strategy, two_ranks):
+    work, _ = two_ranks
+    whole, split = (torch.load(work / f"step_{strategy}_{micro}.pt")["reductions"] for micro in (1, 2))
+    assert len(whole) > 0 and len(split) == len(whole)
 
 
 def test_sharded_per_parameter_clipping_equals_unsharded(two_ranks):

@@ -70,8 +70,8 @@ def test_non_finite_loss_stops_with_step_and_last_checkpoint(image_folder, tmp_p
     trainer = Trainer(tiny_config(image_folder, tmp_path, "checkpoint_every=2"))
     original = trainer.dino_loss.forward
 
-    def poisoned(student_logits, teacher_logits, epoch, monitors=False):
-        output = original(student_logits, teacher_logits, epoch, monitors)
+    def poisoned(student_logits, teacher_logits, epoch, monitors=False, last_micro_batch=True):
+        output = original(student_logits, teacher_logits, epoch, monitors, last_micro_batch)
         return output._replace(loss=output.loss * float("nan")) if trainer.step >= 3 else output
 
     monkeypatch.setattr(trainer.dino_loss, "forward", poisoned)
