@@ -2,9 +2,11 @@
 
 GPU run (the numbers that count):   python bench/bench_kernels.py
     DINO loss forward + backward at B=64 images, 2 global + 10 local crops, K=65536, fp32 and bf16 logits: the
-    reference (eager), the reference under torch.compile, the fused kernels. Teacher EMA over the parameters of
-    ViT-S/8 and ViT-B/8 with their DINO heads: the reference per-parameter loop, torch._foreach_lerp_, the fused
-    kernel. Medians of triton.testing.do_bench; results printed and saved to bench/results/kernels-<device>-<date>.json.
+    reference (eager) and the fused kernels. Teacher EMA over the parameters of ViT-S/8 and ViT-B/8 with their DINO
+    heads: the reference per-parameter loop, torch._foreach_lerp_, the fused kernel. Medians of
+    triton.testing.do_bench; each row printed as it is measured and the JSON rewritten after it
+    (bench/results/kernels-<device>-<date>.json, `complete: false` until the last row). The reference under
+    torch.compile (about a minute cold) is timed by bench/bench_compile.py, in run_gpu.sh's last stage.
 CPU smoke run (CI):                 python bench/bench_kernels.py --smoke [--out FILE]
     Tiny sizes under TRITON_INTERPRET=1, timed with time.perf_counter; checks fused == reference; writes only --out.
 
@@ -22,15 +24,18 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-import torch
+if "--smoke" in sys.argv:  # the kernels run in the Triton interpreter on CPU; set before triton is imported
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import torch  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from bench.common import (  # noqa: E402
-    bench_device, bench_parser, copy_bandwidth_gbs, dtype_name, median_ms, new_report, peak_bandwidth_bytes_per_s,
-    print_rows, relative_error, write_report,
+    bench_device, bench_parser, copy_bandwidth_gbs, dtype_name, figures_label, format_row, median_ms, new_report,
+    peak_bandwidth_bytes_per_s, relative_error, write_report,
 )
 from fastdino.errors import report_usage_errors  # noqa: E402
 
@@ -66,46 +71,55 @@ def make_timer(smoke: bool, device: torch.device) -> Callable[[Callable[[], obje
     return time_ms
 
 
-def bench_loss(time_ms, device, smoke: bool, peak: float | None) -> list[dict]:
+# A gradient further than this from the eager reference's stops the run (relative error)
+GRAD_TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
+
+
+def loss_function(variant: str) -> Callable:
     from fastdino.kernels import dino_loss_with_stats, dino_loss_with_stats_reference
 
+    if variant == "reference_compiled":
+        return torch.compile(dino_loss_with_stats_reference)
+    return dino_loss_with_stats if variant == "fused" else dino_loss_with_stats_reference
+
+
+def bench_loss(time_ms, device, smoke: bool, peak: float | None, variants: tuple[str, ...],
+               add_row: Callable[[dict], None]) -> None:
+    """DINO loss forward + backward per variant (the eager reference first: the others are compared with it), fp32
+    and bf16 logits; each row handed to add_row as soon as it is timed. `grad_rel_error`: the variant's gradient
+    against the eager reference's."""
     batch, n_crops, num_classes = (2, 4, 1000) if smoke else (64, 12, 65536)
-    variants = {"reference": dino_loss_with_stats_reference, "fused": dino_loss_with_stats}
-    if not smoke:
-        variants = {"reference": dino_loss_with_stats_reference,
-                    "reference_compiled": torch.compile(dino_loss_with_stats_reference),
-                    "fused": dino_loss_with_stats}
-    rows = []
+    functions = {variant: loss_function(variant) for variant in variants}
     for dtype in (torch.float32, torch.bfloat16):
         generator = torch.Generator().manual_seed(0)
         student = torch.randn(n_crops * batch, num_classes, generator=generator).to(device, dtype).requires_grad_()
         teacher = torch.randn(2 * batch, num_classes, generator=generator).to(device, dtype)
         center = torch.randn(1, num_classes, generator=generator).to(device) * 0.1
         floor_bytes = 2 * student.numel() * student.element_size() + teacher.numel() * teacher.element_size()
-        grads = {}
-        times = {}
-        for name, loss_fn in variants.items():
+        reference_grad = reference_ms = None
+        for name, loss_fn in functions.items():
             def step(loss_fn=loss_fn):
                 loss_fn(student, teacher, center, 0.04).loss.backward()
             student.grad = None
             step()  # compile / warm up, and keep the gradient for the check
-            grads[name] = student.grad.clone()
-            times[name] = time_ms(step, [student])
-        error = relative_error(grads["fused"], grads["reference"])
-        if error > (1e-5 if dtype == torch.float32 else 2e-2):
-            raise RuntimeError(f"fused DINO loss gradient differs from the reference: relative error {error:.2e}")
-        for name, ms in times.items():
-            rows.append(_row("dino_loss_fwd_bwd", name, dtype, ms, times["reference"], floor_bytes, peak,
-                             dict(batch=batch, n_crops=n_crops, num_classes=num_classes, grad_rel_error=error)))
-    return rows
+            grad = student.grad.clone()
+            reference_grad = grad if reference_grad is None else reference_grad
+            error = relative_error(grad, reference_grad)
+            if error > GRAD_TOLERANCE[dtype]:
+                raise RuntimeError(f"{name} DINO loss gradient differs from the reference: relative error {error:.2e}")
+            ms = time_ms(step, [student])
+            reference_ms = ms if reference_ms is None else reference_ms
+            add_row(_row("dino_loss_fwd_bwd", name, dtype, ms, reference_ms, floor_bytes, peak,
+                         dict(batch=batch, n_crops=n_crops, num_classes=num_classes, grad_rel_error=error)))
 
 
-def bench_ema(time_ms, device, smoke: bool, peak: float | None) -> list[dict]:
+def bench_ema(time_ms, device, smoke: bool, peak: float | None, add_row: Callable[[dict], None]) -> None:
+    """Teacher EMA per implementation over ViT-S/8 and ViT-B/8 (+ head) shapes, checked against the reference loop;
+    each row handed to add_row as soon as it is timed."""
     from fastdino.ema import TeacherEMA
 
     models = {"tiny": vit_with_head_shapes(16, 1, out_dim=64, hidden=32, bottleneck=8)} if smoke else {
         name: vit_with_head_shapes(dim, depth) for name, (dim, depth) in VIT_DIMS.items()}
-    rows = []
     for model, shapes in models.items():
         generator = torch.Generator().manual_seed(0)
         student = [torch.randn(shape, generator=generator).to(device) for shape in shapes]
@@ -121,12 +135,12 @@ def bench_ema(time_ms, device, smoke: bool, peak: float | None) -> list[dict]:
             results[name] = [t.clone() for t in teacher]
         for a, b in zip(results["update_fused"], results["update_reference_loop"]):
             torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
-        times = {name: time_ms(lambda name=name: getattr(ema, name)(0.996), []) for name in results}
-        for name, ms in times.items():
-            rows.append(_row("teacher_ema", name.removeprefix("update_"), torch.float32, ms,
-                             times["update_reference_loop"], floor_bytes, peak,
-                             dict(model=model, n_params=ema.numel, n_tensors=len(shapes))))
-    return rows
+        reference_ms = None
+        for name in results:
+            ms = time_ms(lambda name=name: getattr(ema, name)(0.996), [])
+            reference_ms = ms if reference_ms is None else reference_ms
+            add_row(_row("teacher_ema", name.removeprefix("update_"), torch.float32, ms, reference_ms, floor_bytes,
+                         peak, dict(model=model, n_params=ema.numel, n_tensors=len(shapes))))
 
 
 def _row(what, variant, dtype, ms, reference_ms, floor_bytes, peak, extra) -> dict:
@@ -138,23 +152,31 @@ def _row(what, variant, dtype, ms, reference_ms, floor_bytes, peak, extra) -> di
     return row
 
 
+FIELDS = dict(what="", variant="", dtype="", model="", median_ms=".3f", speedup_vs_reference=".2f",
+              achieved_gb_per_s=".1f", fraction_of_bandwidth_floor=".1%", fraction_of_copy_bandwidth=".1%")
+
+
 @report_usage_errors
 def main(argv: list[str] | None = None) -> dict:
     args = bench_parser(__doc__, "tiny sizes on CPU under the Triton interpreter").parse_args(argv)
-    if args.smoke:
-        os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels (and triton) are first imported
     device = bench_device(args.smoke)
     peak = None if args.smoke else peak_bandwidth_bytes_per_s(device)
-    time_ms = make_timer(args.smoke, device)
     copy_gbs = None if args.smoke else copy_bandwidth_gbs(device)
-    results = bench_loss(time_ms, device, args.smoke, peak) + bench_ema(time_ms, device, args.smoke, peak)
-    for row in results if copy_gbs else []:
-        row["fraction_of_copy_bandwidth"] = row["achieved_gb_per_s"] / copy_gbs
-    report = dict(new_report("kernels", device, args.smoke), peak_bandwidth_gb_per_s=peak / 1e9 if peak else None,
-                  copy_bandwidth_gb_per_s=copy_gbs, results=results)
-    print_rows(report, results, dict(what="", variant="", dtype="", model="", median_ms=".3f",
-                                     speedup_vs_reference=".2f", achieved_gb_per_s=".1f",
-                                     fraction_of_bandwidth_floor=".1%", fraction_of_copy_bandwidth=".1%"))
+    report = dict(new_report("kernels", device, args.smoke), complete=False,
+                  peak_bandwidth_gb_per_s=peak / 1e9 if peak else None, copy_bandwidth_gb_per_s=copy_gbs, results=[])
+    print(figures_label(report))
+
+    def add_row(row: dict) -> None:  # appended, the file rewritten, then printed: a printed row is in the file
+        if copy_gbs:
+            row["fraction_of_copy_bandwidth"] = row["achieved_gb_per_s"] / copy_gbs
+        report["results"].append(row)
+        write_report(report, "kernels", args.out, args.smoke, quiet=True)
+        print(format_row(report, row, FIELDS))
+
+    time_ms = make_timer(args.smoke, device)
+    bench_loss(time_ms, device, args.smoke, peak, ("reference", "fused"), add_row)
+    bench_ema(time_ms, device, args.smoke, peak, add_row)
+    report["complete"] = True
     write_report(report, "kernels", args.out, smoke=args.smoke)
     return report
 

@@ -2,11 +2,17 @@
 
 GPU run:   python bench/bench_step.py [--models vit_small_p16,vit_small_p8,vit_base_p16,vit_base_p8] [--batch 64]
     For each model at the recipe's crops (2 x 224² + 10 x 96²), out_dim 65536: times `Trainer.train_step` on crops
-    already on the GPU for the two contestants, alternating, and then every ablation (reference-style with one fast
-    path switched on). Reports images/s, step time (median, p10-p90), peak memory, MFU against the measured bf16
-    matmul rate, and the ratio fastdino / reference-style. With --loader, also the fastdino step fed by the real
-    loader (DALI when installed) on generated ImageNet-size JPEGs. Writes bench/results/step-<device>-<date>.json,
-    again after every measured row (`complete: false` until the end): a run cut off keeps what it measured.
+    already on the GPU, one contestant at a time (each built, warmed up, timed and freed before the next): fastdino
+    at --batch, reference-style from fastdino's batch down, fastdino again at reference-style's batch if that is
+    smaller. A contestant that runs out of memory is a row (`out_of_memory`, the batch that failed) and is tried
+    again at half the batch, down to --min-batch; the comparison is at the largest batch both fit
+    (`comparison_batch`). Then every ablation (reference-style with one fast path switched on) at that batch; the
+    compile path only when --paths names it (run_gpu.sh measures it in its last stage). Reports images/s, step time
+    (median, p10-p90), peak memory, MFU against the measured bf16 matmul rate, the ratio fastdino / reference-style,
+    and for every row the attention, loss, EMA and optimizer implementations that actually ran in its first step.
+    With --loader, also the fastdino step fed by the real loader (DALI when installed) on generated ImageNet-size
+    JPEGs. Writes bench/results/step-<device>-<date>.json, again after every row (`complete: false` until the end):
+    a run cut off keeps what it measured.
 CPU smoke: python bench/bench_step.py --smoke   (tiny ViT, fp32, Triton interpreter; checks that both
     contestants compute the same loss on the same batch; writes only --out)
 
@@ -14,8 +20,8 @@ Contestants (the same `Trainer.train_step`, configured by switches):
 - reference-style: what facebookresearch/dino does: fp16 autocast with a grad scaler, one backbone forward per
   crop resolution, math attention, unfused loss, per-parameter clipping with a host sync per parameter,
   per-parameter EMA loop, and `loss.item()` every step.
-- fastdino: bf16, packed crops with xformers (when usable), efficient stochastic depth, fused loss, fused EMA,
-  fused AdamW, sync-free clipping, no per-step host sync.
+- fastdino: bf16, packed crops with variable-length attention (when usable), efficient stochastic depth, fused loss,
+  fused EMA, fused AdamW, sync-free clipping, no per-step host sync.
 
 FLOPs per image (counted here, teacher forward included): student forward+backward = 3 x forward over all crops,
 teacher = forward over the 2 global crops; forward of one crop = patch embedding + depth x (24 N D² + 4 N² D)
@@ -23,12 +29,15 @@ teacher = forward over the 2 global crops; forward of one crop = patch embedding
 """
 from __future__ import annotations
 
+import contextlib
+import functools
+import gc
 import os
 import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 if "--smoke" in sys.argv:  # the kernels run in the Triton interpreter on CPU; set before triton is imported
@@ -41,8 +50,8 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from bench.common import (  # noqa: E402
-    bench_device, bench_parser, crop_flops, matmul_tflops, names_from, new_report, peak_memory_gib, print_rows,
-    reset_peak_memory, synchronize, time_calls, write_jpegs, write_report,
+    bench_device, bench_parser, crop_flops, figures_label, format_row, matmul_tflops, names_from, new_report,
+    peak_memory_gib, reset_peak_memory, synchronize, time_calls, write_jpegs, write_report,
 )
 from fastdino.config import RULES, load_config  # noqa: E402
 from fastdino.rules import existing_folder, non_negative, positive  # noqa: E402
@@ -75,6 +84,61 @@ FAST_PATHS = {  # each fast path alone, as the ablation switches it on over refe
     "sync_free_clip": {"fast.sync_free_clip": True},
     "compile": {"fast.compile": True},
 }
+# torch.compile costs about a minute cold on a GPU: the ablation leaves it out unless --paths names it
+COMPILE_PATHS = ("compile",)
+# The row fields printed as each row is measured
+ROW_FIELDS = dict(model="", name="", batch="", step_ms_median=".1f", images_per_s=".1f", mfu=".1%",
+                  speedup_vs_reference_style=".2f", first_step_loss=".7f", error="", ran="")
+
+# What a call of each function says ran, as (module, attribute, part, implementation). The attention functions also
+# say whether they were handed an explicit block-diagonal mask: the path packed crops fall back to where
+# variable-length attention does not run.
+IMPLEMENTATIONS = (
+    ("fastdino.models.attention", "_torch_varlen_attention", "attention", "varlen_flash"),
+    ("xformers.ops", "memory_efficient_attention", "attention", "xformers"),
+    ("fastdino.models.attention", "_sdpa_attention", "attention", "sdpa"),
+    ("fastdino.models.attention", "_math_attention", "attention", "math"),
+    ("fastdino.kernels", "dino_loss_with_stats", "loss", "fused_triton"),
+    ("fastdino.kernels", "dino_loss_with_stats_reference", "loss", "reference"),
+    ("fastdino.ema", "ema_update_", "ema", "fused_triton"),
+    ("fastdino.ema", "ema_update_reference_", "ema", "flat_buffer_torch"),
+    ("fastdino.ema", "TeacherEMA.update_reference_loop", "ema", "per_parameter_loop"),
+    ("torch.optim.adam", "_fused_adam", "optimizer", "adamw_fused"),
+    ("torch.optim.adam", "_multi_tensor_adam", "optimizer", "adamw_foreach"),
+    ("torch.optim.adam", "_single_tensor_adam", "optimizer", "adamw_for_loop"),
+)
+PARTS = ("attention", "loss", "ema", "optimizer")
+
+
+@contextlib.contextmanager
+def recording_implementations() -> Iterator[dict[str, list[str]]]:
+    """While open, each call of an IMPLEMENTATIONS function is noted (a module not imported ran nothing of its own).
+    Yields {part: sorted implementations that ran}, filled in on exit: a switch says what was asked for, this says
+    what ran, and a silent fallback shows as the difference."""
+    seen: set[tuple[str, str]] = set()
+    ran: dict[str, list[str]] = {}
+    undo = []
+    for module_name, attribute, part, name in IMPLEMENTATIONS:
+        module = sys.modules.get(module_name)
+        if module is None:
+            continue
+        *path, function_name = attribute.split(".")
+        owner = functools.reduce(getattr, path, module)
+        original = getattr(owner, function_name)
+
+        def noting(*args, _original=original, _part=part, _name=name, **kwargs):
+            masked = _part == "attention" and len(args) > 3 and args[3] is not None
+            seen.add((_part, f"{_name}_explicit_mask" if masked else _name))
+            return _original(*args, **kwargs)
+
+        setattr(owner, function_name, noting)
+        undo.append((owner, function_name, original))
+    try:
+        yield ran
+    finally:
+        for owner, function_name, original in reversed(undo):
+            setattr(owner, function_name, original)
+        ran.update({part: sorted(name for kind, name in seen if kind == part) for part in PARTS})
 
 
 def fastdino_settings(device: torch.device, compile_blocks: bool) -> dict:
@@ -126,10 +190,19 @@ class Contestant:
         self.fast_paths = vars(trainer.fast)
         self.times: list[float] = []
 
-    def step(self) -> float | None:
+    def step(self, read_loss: bool = False) -> float | None:
+        """One step; the loss read back to the host every step (as the reference does) or when asked."""
         self.trainer.step = timed_step(self.trainer)  # the same schedule position every time
         output = self.trainer.train_step(self.crops)
-        return output.loss.item() if self.sync_every_step else None
+        return output.loss.item() if self.sync_every_step or read_loss else None
+
+
+def first_step(contestant: Contestant | ReferenceRepoContestant) -> tuple[float, dict[str, list[str]]]:
+    """The untimed first step: its loss (every contestant starts from the same weights and batch, so they compare)
+    and the implementations that ran in it."""
+    with recording_implementations() as ran:
+        loss = contestant.step(read_loss=True)
+    return loss, ran
 
 
 class ReferenceRepoContestant:
@@ -183,7 +256,8 @@ class ReferenceRepoContestant:
             config.model.out_dim, 2 + config.data.local_crops_number, config.dino.warmup_teacher_temp,
             config.dino.teacher_temp, config.dino.warmup_teacher_temp_epochs, config.optim.epochs).to(device)
 
-    def step(self) -> float:
+    def step(self, read_loss: bool = True) -> float:
+        """One step in the order of the reference's train_one_epoch, which reads the loss back every step."""
         epoch, optim = 1, self.config.optim
         for index, group in enumerate(self.optimizer.param_groups):
             group["lr"] = self.lr
@@ -226,11 +300,13 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
-def summarize(contestant: Contestant, flops_per_image: int, batch: int, peak_tflops: float | None, memory) -> dict:
+def summarize(contestant: Contestant | ReferenceRepoContestant, flops_per_image: int, batch: int,
+              peak_tflops: float | None, memory: float | None) -> dict:
     times = sorted(contestant.times)
     median = statistics.median(times)
     row = {
         "name": contestant.name,
+        "batch": batch,
         "step_ms_median": median,
         "step_ms_p10": times[len(times) // 10],
         "step_ms_p90": times[(len(times) * 9) // 10],
@@ -243,112 +319,186 @@ def summarize(contestant: Contestant, flops_per_image: int, batch: int, peak_tfl
     return row
 
 
-def run_contestants(contestants: list[Contestant], device: torch.device, warmup: int, steps: int) -> dict:
-    """Warm each up, then alternate single timed steps so that drift affects all alike. Peak memory per contestant."""
-    memory = {}
-    for contestant in contestants:
-        reset_peak_memory(device)
-        contestant.times += time_calls(contestant.step, device, warmup, 1)
-        memory[contestant.name] = peak_memory_gib(device)
-    for _ in range(steps - 1):
-        for contestant in contestants:
-            contestant.times += time_calls(contestant.step, device, 0, 1)
-    return memory
+def free_memory(device: torch.device) -> None:
+    """Return what the last contestant held (an out-of-memory one too, once its exception is gone) to the device."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+class ModelBench:
+    """One model's rows in `results`. Every contestant is built, warmed up, timed and freed before the next is built,
+    so that each is measured on its own and one that runs out of memory is a row, not a lost stage; `save()` after
+    every row, `show(row)` prints it."""
+
+    def __init__(self, name: str, args, device: torch.device, peak_tflops: float | None, workdir: Path,
+                 results: dict, save: Callable[[], object], show: Callable[[dict], None]):
+        arch, patch, _, _ = MODELS[name]
+        self.name, self.args, self.device, self.peak_tflops, self.workdir = name, args, device, peak_tflops, workdir
+        self.results, self.save, self.show = results, save, show
+        self.base = [f"data.path={workdir / 'images'}", f"model.arch={arch}", f"model.patch_size={patch}",
+                     f"data.local_crops_number={args.local_crops}", "data.loader=torch", "data.num_workers=0",
+                     "optim.epochs=2", "optim.warmup_epochs=0", *args.override]
+        self.initial: dict[str, dict] | None = None  # the weights every contestant starts from, on the host
+        results.update(model=name, batch=args.batch, attempts=[])
+
+    def settings(self, name: str) -> dict:
+        """A contestant's switches: reference-style (fp32 on the CPU, where fp16 needs CUDA), fastdino, or
+        reference-style with one fast path on."""
+        reference = dict(REFERENCE_STYLE, precision="fp32") if self.device.type == "cpu" else REFERENCE_STYLE
+        if name == "fastdino":
+            return {**reference, **fastdino_settings(self.device, self.args.compile)}
+        return {**reference, **FAST_PATHS.get(name, {})}
+
+    def trainer(self, name: str, batch: int, extra: dict | None = None) -> Trainer:
+        """A trainer with `name`'s switches at `batch`, from the same starting weights as every other."""
+        settings = {**self.settings(name), "data.batch_size_per_gpu": batch, **(extra or {})}
+        trainer = make_trainer(self.base, settings, self.workdir / f"{self.name}-{name}-{batch}")
+        if self.initial is None:
+            self.initial = {part: {key: value.detach().cpu().clone() for key, value in network.state_dict().items()}
+                            for part, network in (("student", trainer.student), ("teacher", trainer.teacher))}
+            self.results["flops_per_image"] = step_flops_per_image(trainer.config)
+        trainer.student.load_state_dict(self.initial["student"])
+        trainer.teacher.load_state_dict(self.initial["teacher"])
+        return trainer
+
+    def time(self, name: str, batch: int) -> dict:
+        """Build, run the first step (its loss and implementations), warm up and time `name` at `batch`."""
+        if name == "reference_repo":  # the reference's own modules, from reference-style's weights and schedules
+            start = self.trainer("reference_style", batch)
+            crops = synthetic_crops(start.config, self.device)
+            contestant = ReferenceRepoContestant(self.args.reference_repo, start, crops)
+            del start
+        else:
+            trainer = self.trainer(name, batch)
+            contestant = Contestant(name, trainer, synthetic_crops(trainer.config, self.device),
+                                    sync_every_step=name != "fastdino")
+            del trainer
+        try:
+            reset_peak_memory(self.device)
+            loss, ran = first_step(contestant)
+            contestant.times = time_calls(contestant.step, self.device, self.args.warmup, self.args.steps)
+            memory = peak_memory_gib(self.device)
+        finally:
+            if isinstance(contestant, ReferenceRepoContestant):
+                contestant.close()
+        row = summarize(contestant, self.results["flops_per_image"], batch, self.peak_tflops, memory)
+        return dict(row, first_step_loss=loss, ran=ran)
+
+    def measure(self, name: str, batch: int, floor: int) -> dict:
+        """`name` at `batch`, and while it runs out of memory, at half the batch down to `floor`. Every attempt is a
+        row of `attempts` (an out-of-memory one names the batch that failed), saved and shown at once. Returns the
+        last attempt: the measured row, or an out-of-memory row when none fit."""
+        while True:
+            try:
+                row = self.time(name, batch)
+            except torch.OutOfMemoryError as error:
+                row = {"name": name, "batch": batch, "out_of_memory": True,
+                       "error": f"out of memory: {str(error).strip().splitlines()[0]}"}
+            free_memory(self.device)
+            self.results["attempts"].append(row)
+            self.save()
+            self.show(row)
+            if not row.get("out_of_memory") or batch // 2 < floor:
+                return row
+            batch //= 2
+
+    def compare(self) -> None:
+        """fastdino at --batch, reference-style from fastdino's batch down, fastdino again at reference-style's if
+        that is smaller: `contestants` holds the pair at the largest batch both fit (`comparison_batch`), with the
+        speedup; without such a batch, whichever rows were measured, and `comparison_batch` null."""
+        args = self.args
+        fast = self.measure("fastdino", args.batch, args.min_batch)
+        start = args.batch if fast.get("out_of_memory") else fast["batch"]
+        reference = self.measure("reference_style", start, args.min_batch)
+        if not fast.get("out_of_memory") and not reference.get("out_of_memory") and reference["batch"] < fast["batch"]:
+            fast = self.measure("fastdino", reference["batch"], reference["batch"])
+        pair = {name: row for name, row in (("reference_style", reference), ("fastdino", fast))
+                if not row.get("out_of_memory")}
+        comparable = len(pair) == 2 and fast["batch"] == reference["batch"]
+        if comparable:
+            fast["speedup_vs_reference_style"] = reference["step_ms_median"] / fast["step_ms_median"]
+            self.show(dict(name="comparison", batch=fast["batch"],
+                           speedup_vs_reference_style=fast["speedup_vs_reference_style"]))
+        self.results.update(comparison_batch=fast["batch"] if comparable else None, contestants=pair,
+                            first_step_loss={name: row["first_step_loss"] for name, row in pair.items()})
+        self.save()
+        if comparable and args.reference_repo:
+            third = self.measure("reference_repo", fast["batch"], fast["batch"])
+            if not third.get("out_of_memory"):
+                pair["reference_repo"] = third
+                self.results["first_step_loss"]["reference_repo"] = third["first_step_loss"]
+            self.save()
+
+    def ablation(self, paths: list[str], reference: dict) -> None:
+        """Each fast path in `paths` alone over reference-style, at the batch of the `reference` row it is
+        compared with (an out-of-memory one is a row too)."""
+        self.results["ablation"] = []
+        for path in paths:
+            if path == "xformers_attention" and not xformers_usable():
+                continue
+            row = self.measure(path, reference["batch"], reference["batch"])
+            if not row.get("out_of_memory"):
+                row["speedup_vs_reference_style"] = reference["step_ms_median"] / row["step_ms_median"]
+            self.results["ablation"].append(row)
+            self.save()
+
+    def with_loader(self) -> None:
+        """The fastdino step fed by the real loader (DALI when installed) from JPEG files, against synthetic crops."""
+        args, device = self.args, self.device
+        images = self.workdir / "loader_images"
+        if not images.exists():
+            write_jpegs(images, args.batch * (args.steps + args.warmup + 2), (500, 375), classes=1)
+        trainer = self.trainer("fastdino", args.batch, {"data.loader": "auto", "data.num_workers": args.workers,
+                                                        "data.path": images, "log_every": 10**6})
+        times = []
+        synchronize(device)
+        last = time.perf_counter()
+        for index, (crops, _) in enumerate(trainer.loader.epoch_iter(1)):  # the loader's time counts in each step
+            if index == args.warmup + args.steps:
+                break
+            trainer.step = timed_step(trainer)
+            trainer.train_step(crops)
+            synchronize(device)
+            now = time.perf_counter()
+            if index >= args.warmup:
+                times.append((now - last) * 1e3)
+            last = now
+        loader = "dali" if trainer.fast.dali else "gpu_decode" if trainer.fast.gpu_decode else "torch"
+        self.results["with_loader"] = {
+            "loader": loader, "steps": len(times), "step_ms_median": statistics.median(times) if times else None,
+            "images_per_s": args.batch * 1e3 / statistics.median(times) if times else None}
+        self.save()
 
 
 def bench_model(name: str, args, device: torch.device, peak_tflops: float | None, workdir: Path, results: dict,
-                save: Callable[[], object]) -> dict:
-    """Fill `results` for one model; `save()` after the contestants and after each later row, so that a run cut
-    off by its time budget keeps what it measured."""
-    arch, patch, _, _ = MODELS[name]
-    base = [f"data.path={workdir / 'images'}", f"model.arch={arch}", f"model.patch_size={patch}",
-            f"data.batch_size_per_gpu={args.batch}", f"data.local_crops_number={args.local_crops}",
-            "data.loader=torch", "data.num_workers=0", "optim.epochs=2", "optim.warmup_epochs=0", *args.override]
-    results.update(model=name, batch=args.batch)
-    reference_style = dict(REFERENCE_STYLE, precision="fp32") if device.type == "cpu" else REFERENCE_STYLE
-    reference = make_trainer(base, reference_style, workdir / f"{name}-reference")
-    crops = synthetic_crops(reference.config, device)
-    flops = step_flops_per_image(reference.config)
-    results["flops_per_image"] = flops
-    fast = make_trainer(base, {**reference_style, **fastdino_settings(device, args.compile)}, workdir / f"{name}-fast")
-    fast.student.load_state_dict(reference.student.state_dict())
-    fast.teacher.load_state_dict(reference.teacher.state_dict())
-    third = ReferenceRepoContestant(args.reference_repo, reference, crops) if args.reference_repo else None
-    reference.step, fast.step = timed_step(reference), timed_step(fast)
-    first_losses = (reference.train_step(crops).loss.item(), fast.train_step(crops).loss.item())
-    results["first_step_loss"] = {"reference_style": first_losses[0], "fastdino": first_losses[1]}
-    pair = [Contestant("reference_style", reference, crops, True), Contestant("fastdino", fast, crops, False)]
-    if third is not None:
-        results["first_step_loss"]["reference_repo"] = third.step()
-        pair.append(third)
-    memory = run_contestants(pair, device, args.warmup, args.steps)
-    rows = {c.name: summarize(c, flops, args.batch, peak_tflops, memory.get(c.name)) for c in pair}
-    rows["fastdino"]["speedup_vs_reference_style"] = (
-        rows["reference_style"]["step_ms_median"] / rows["fastdino"]["step_ms_median"])
-    results["contestants"] = rows
-    save()
-    if third is not None:
-        third.close()
-    del pair, reference, fast, third
-    if args.ablation:
-        results["ablation"] = []
-        for path, settings in FAST_PATHS.items():
-            if path == "xformers_attention" and not xformers_usable():
-                continue
-            trainer = make_trainer(base, {**REFERENCE_STYLE, **settings}, workdir / f"{name}-{path}")
-            contestant = Contestant(path, trainer, crops, True)
-            memory = run_contestants([contestant], device, args.warmup, args.steps)
-            row = summarize(contestant, flops, args.batch, peak_tflops, memory.get(path))
-            row["speedup_vs_reference_style"] = rows["reference_style"]["step_ms_median"] / row["step_ms_median"]
-            results["ablation"].append(row)
-            save()
-            del trainer, contestant
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+                save: Callable[[], object], show: Callable[[dict], None]) -> None:
+    """Fill `results` for one model: the contestants, the ablation at their comparison batch, the loader."""
+    bench = ModelBench(name, args, device, peak_tflops, workdir, results, save, show)
+    bench.compare()
+    reference = results["contestants"].get("reference_style")
+    if args.paths and reference is not None:
+        bench.ablation(args.paths, reference)
     if args.loader:
-        results["with_loader"] = bench_with_loader(base, args, device, workdir, name)
-        save()
-    return results
-
-
-def bench_with_loader(base: list[str], args, device: torch.device, workdir: Path, name: str) -> dict:
-    """The fastdino step fed by the real loader (DALI when installed) from JPEG files, against synthetic crops."""
-    images = workdir / "loader_images"
-    if not images.exists():
-        write_jpegs(images, args.batch * (args.steps + args.warmup + 2), (500, 375), classes=1)
-    settings = {**REFERENCE_STYLE, **fastdino_settings(device, args.compile), "data.loader": "auto",
-                "data.num_workers": args.workers, "data.path": images, "log_every": 10**6}
-    trainer = make_trainer(base, settings, workdir / f"{name}-loader")
-    times = []
-    synchronize(device)
-    last = time.perf_counter()
-    for index, (crops, _) in enumerate(trainer.loader.epoch_iter(1)):  # the loader's time counts in each step
-        if index == args.warmup + args.steps:
-            break
-        trainer.step = timed_step(trainer)
-        trainer.train_step(crops)
-        synchronize(device)
-        now = time.perf_counter()
-        if index >= args.warmup:
-            times.append((now - last) * 1e3)
-        last = now
-    loader = "dali" if trainer.fast.dali else "gpu_decode" if trainer.fast.gpu_decode else "torch"
-    return {"loader": loader, "steps": len(times),
-            "step_ms_median": statistics.median(times) if times else None,
-            "images_per_s": args.batch * 1e3 / statistics.median(times) if times else None}
+        bench.with_loader()
 
 
 def parse_args(argv):
     rules = {"--models": names_from(MODELS), "--batch": RULES["data.batch_size_per_gpu"],
+             "--min-batch": RULES["data.batch_size_per_gpu"], "--paths": names_from(FAST_PATHS),
              "--local-crops": RULES["data.local_crops_number"], "--steps": positive, "--warmup": non_negative,
              "--workers": RULES["data.num_workers"], "--reference-repo": existing_folder}
     parser = bench_parser(__doc__, "tiny ViT on the CPU, Triton interpreter (seconds)", rules)
     parser.add_argument("--models", help=f"default {','.join(MODELS)} (smoke: vit_small_p16, as a tiny ViT)")
     parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--min-batch", type=int, default=8,
+                        help="out of memory: a contestant is tried at half the batch, down to this (smoke: 1)")
     parser.add_argument("--local-crops", type=int, default=10)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--workers", type=int, default=12)
+    parser.add_argument("--paths", help=f"the ablation's fast paths, default all but {', '.join(COMPILE_PATHS)} "
+                                        "(smoke: none)")
     parser.add_argument("--no-ablation", dest="ablation", action="store_false")
     parser.add_argument("--loader", action="store_true", help="also time the step fed by the real loader")
     parser.add_argument("--compile", action="store_true", help="fastdino contestant with torch.compile'd blocks")
@@ -358,11 +508,12 @@ def parse_args(argv):
     args = parser.parse_args(argv)
     args.models = args.models or ("vit_small_p16" if args.smoke else ",".join(MODELS))
     if args.smoke:  # the model names stay as labels; every model is the same tiny ViT
-        args.batch, args.local_crops, args.steps, args.warmup = 2, 2, 2, 0
+        args.batch, args.min_batch, args.local_crops, args.steps, args.warmup = 2, 1, 2, 2, 0
         args.override = ["model.arch=vit_tiny", "model.depth=1", "model.out_dim=256", "model.head_hidden_dim=64",
                          "model.head_bottleneck_dim=32", "data.global_crop_size=32", "data.local_crop_size=16",
                          "model.patch_size=16", "model.drop_path_rate=0.0", *args.override]
-        args.ablation = False  # its reference-style runs in fp16, which needs CUDA
+    default_paths = [] if args.smoke else [path for path in FAST_PATHS if path not in COMPILE_PATHS]
+    args.paths = (args.paths.split(",") if args.paths else default_paths) if args.ablation else []
     return args
 
 
@@ -372,17 +523,15 @@ def main(argv: list[str] | None = None) -> dict:
     device = bench_device(args.smoke)
     report = new_report("step", device, args.smoke)
     report.update(bf16_matmul_tflops=None if args.smoke else matmul_tflops(device), complete=False, models=[])
+    print(figures_label(report))
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         write_jpegs(workdir / "images", args.batch, (64, 64), classes=1)
         for name in args.models.split(","):
             report["models"].append({})
-            result = bench_model(name, args, device, report["bf16_matmul_tflops"], workdir, report["models"][-1],
-                                 save=lambda: write_report(report, "step", args.out, args.smoke))
-            rows = [dict(row, model=name, first_step_loss=result["first_step_loss"].get(row["name"]))
-                    for row in [*result["contestants"].values(), *result.get("ablation", [])]]
-            print_rows(report, rows, dict(model="", name="", step_ms_median=".1f", images_per_s=".1f", mfu=".1%",
-                                          speedup_vs_reference_style=".2f", first_step_loss=".7f"))
+            bench_model(name, args, device, report["bf16_matmul_tflops"], workdir, report["models"][-1],
+                        save=lambda: write_report(report, "step", args.out, args.smoke, quiet=True),
+                        show=lambda row, name=name: print(format_row(report, dict(row, model=name), ROW_FIELDS)))
     report["complete"] = True
     write_report(report, "step", args.out, args.smoke)
     return report

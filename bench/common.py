@@ -7,10 +7,8 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import importlib.metadata
 import json
 import os
-import platform
 import re
 import statistics
 import subprocess
@@ -22,59 +20,20 @@ import numpy as np
 import torch
 from PIL import Image
 
-from fastdino.rules import CheckedArgumentParser, Rule
+from fastdino import run_record
+from fastdino.checkpoint import write_text_atomic
 from fastdino.errors import UsageError
+from fastdino.rules import CheckedArgumentParser, Rule
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results"
 
 
-def git_commit() -> str:
-    """The commit the results belong to, `+dirty` when tracked files differ from it. The device machine gets a copy
-    of the working tree without .git: there the caller passes the commit in FASTDINO_GIT_COMMIT."""
-    if os.environ.get("FASTDINO_GIT_COMMIT"):
-        return os.environ["FASTDINO_GIT_COMMIT"]
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                                check=True).stdout.strip()
-        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD"], cwd=REPO, capture_output=True).returncode != 0
-        return commit + ("+dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def device_name(device: torch.device) -> str:
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu-{platform.machine()}"
-
-
-def environment(device: torch.device) -> dict:
-    """Device, driver, library versions, date and commit: recorded with every result file."""
-    versions = {"python": platform.python_version(), "torch": torch.__version__}
-    for name in ("triton", "xformers", "nvidia-dali-cuda130", "torchvision", "timm"):
-        try:  # package metadata: importing xformers without its extension prints warnings
-            versions[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            versions[name] = None
-    record = dict(device=device_name(device), versions=versions,
-                  date=datetime.datetime.now().isoformat(timespec="seconds"), git_commit=git_commit())
-    if device.type == "cuda":
-        record["cuda"] = torch.version.cuda
-        record["driver"] = _nvidia_driver()
-    return record
-
-
-def _nvidia_driver() -> str | None:
-    try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                             capture_output=True, text=True, check=True).stdout
-        return out.strip().splitlines()[0]
-    except (OSError, subprocess.CalledProcessError, IndexError):
-        return None
-
-
 def new_report(name: str, device: torch.device, smoke: bool) -> dict:
-    """The head every result file starts with: which benchmark, smoke or not, and the environment."""
-    return dict(benchmark=name, smoke=smoke, **environment(device))
+    """The head every result file starts with: which benchmark, smoke or not, and the environment: device and its
+    memory, driver, library versions, date and commit, as a training run records them (fastdino.run_record), so
+    that figures from an H100 and an H200 never mix."""
+    return dict(benchmark=name, smoke=smoke, **run_record.environment(device))
 
 
 # --out: a JSON file to write, or a folder to write into
@@ -218,24 +177,39 @@ def figures_label(report: Mapping) -> str:
             "speed ratios are left out")
 
 
-def print_rows(report: Mapping, rows: list[dict], fields: dict[str, str]) -> None:
-    """The figures label, then one console line per result row: `name=value` for each of `fields` (name -> format
-    spec) the row has; ratio fields only when the report is a measurement."""
-    print(figures_label(report))
+def format_row(report: Mapping, row: Mapping, fields: Mapping[str, str]) -> str:
+    """One console line for a result row: `name=value` for each of `fields` (name -> format spec) the row has;
+    ratio fields only when the report is a measurement."""
     shown = {name: spec for name, spec in fields.items() if is_measurement(report) or name not in RATIO_FIELDS}
+    return "  ".join(f"{name}={row[name]:{spec}}" for name, spec in shown.items() if row.get(name) is not None)
+
+
+def print_rows(report: Mapping, rows: list[dict], fields: Mapping[str, str]) -> None:
+    """The figures label, then one console line per result row (format_row)."""
+    print(figures_label(report))
     for row in rows:
-        print("  ".join(f"{name}={row[name]:{spec}}" for name, spec in shown.items() if row.get(name) is not None))
+        print(format_row(report, row, fields))
 
 
-def write_report(report: dict, name: str, out: Path | None = None, smoke: bool = False) -> Path | None:
+# A command run after every result file is written: bench/run_gpu.sh packs its run folder there, so that a run cut
+# off at any moment, even by SIGKILL, has returned every row and test finished before.
+AFTER_WRITE = "BENCH_AFTER_WRITE"
+
+
+def write_report(report: dict, name: str, out: Path | None = None, smoke: bool = False, quiet: bool = False
+                 ) -> Path | None:
     """Write JSON to the file `out`, into the folder `out` as <name>-<device>-<date>.json, or (full runs only,
-    no `out`) to bench/results/<name>-<device>-<date>.json. Smoke runs without `out` write nothing."""
+    no `out`) to bench/results/<name>-<device>-<date>.json. Smoke runs without `out` write nothing. The file is
+    replaced atomically (a reader or a kill never meets half of it), then $BENCH_AFTER_WRITE runs. `quiet`: no
+    "wrote" line (the rewrites after each row of a benchmark that writes as it goes)."""
     if out is None and smoke:
         return None
     if out is None or out.is_dir():
         slug = re.sub(r"[^a-z0-9]+", "-", report["device"].lower()).strip("-")
         out = (out or RESULTS) / f"{name}-{slug}-{datetime.date.today():%Y%m%d}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_text_atomic(json.dumps(report, indent=2) + "\n", out)
+    if os.environ.get(AFTER_WRITE):
+        subprocess.run([os.environ[AFTER_WRITE]], check=False)
+    if not quiet:
+        print(f"wrote {out}")
     return out

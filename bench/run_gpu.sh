@@ -1,17 +1,20 @@
 #!/usr/bin/env bash
-# Everything a GPU lease runs, in one call that survives being cut off: stages in priority order, each under its own
-# time budget, each recorded the moment it ends. A stage that fails or runs out of time is recorded as such and the
-# next one starts; the script never stops early.
+# Everything a GPU lease runs, in one call that survives being cut off: stages in order of the value of what they
+# return, each under its own time budget. A stage that fails or runs out of time is recorded as such and the next
+# one starts; the script never stops early.
 #
-#   bash bench/run_gpu.sh              # on the device machine, from the repository root (bench/README.md)
-#   bash bench/run_gpu.sh --rehearse   # on a CPU: every stage at smoke sizes, the same files, "smoke": true
-#   bash bench/run_gpu.sh [--rehearse] STAGE...   # only these stages (e.g. one that timed out before)
+#   FASTDINO_GIT_COMMIT=<sha> bash bench/run_gpu.sh   # on the device machine, from the repository root
+#   bash bench/run_gpu.sh --rehearse                  # on a CPU: every stage at smoke sizes, the same files
+#   FASTDINO_GIT_COMMIT=<sha> bash bench/run_gpu.sh [--rehearse] STAGE...   # only these stages
 #
-# $OUT (default bench/results/run-<UTC date-time>) receives, after every stage, stages.json (each stage: status
-# pending|running|ok|failed|timed_out|interrupted, seconds, budget, files) and run.tar.gz (stages.json plus each
-# stage's <stage>.json and <stage>.log). Two files, because the device machine returns at most 8.
+# $OUT (default bench/results/run-<UTC date-time>) holds two files, because the device machine returns at most 8:
+# stages.json (each stage: status pending|running|ok|failed|timed_out|interrupted, seconds, budget, files) and
+# run.tar.gz (stages.json, setup.log, each stage's <stage>.json and <stage>.log). Both are replaced atomically:
+# stages.json whenever a stage starts or ends, run.tar.gz then and after every row or test a stage writes (the
+# benchmarks run $BENCH_AFTER_WRITE after each write), so a run killed at any moment, by SIGKILL too, has returned
+# every row and test it finished.
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd -P "$(dirname "$0")/.."  # the physical path: the scripts compare it with sys.path entries as strings
 
 usage() { echo "usage: bash bench/run_gpu.sh [--rehearse] [STAGE ...]; stages: $1" >&2; exit 2; }
 mode=gpu; only=" "
@@ -23,19 +26,21 @@ for arg in "$@"; do
   esac
 done
 
-# Stage, GPU budget (s), rehearsal budget (s), in priority order: what matters most runs first.
+# Stage, GPU budget (s), rehearsal budget (s), in order of value: the environment and the correctness tests, the
+# ViT-S/16 step, the kernels against their byte floors, the larger models, the rest; torch.compile last.
 STAGES=(
-  "env                          30  20"  # device, driver, versions, Triton launcher, copy and matmul ceilings
-  "gpu_tests                   105  55"  # pytest -m gpu: kernels fp32/bf16, attention, packed crops, fast step
-  "step_vit_small_p16           45  25"  # full training step, fastdino vs reference-style
-  "step_vit_small_p8            45  25"
-  "step_vit_base_p8             50  25"
-  "kernels                      50  15"  # fused DINO loss and teacher EMA vs their references
-  "step_ablation_vit_small_p16  60  25"  # each fast path alone over reference-style (smoke: none)
+  "env                          45  20"  # device and memory, driver, versions, Triton, attention paths, ceilings
+  "gpu_tests                    75  45"  # pytest -m "gpu and not compile": kernels, attention, packed crops, step
+  "step_vit_small_p16           35  20"  # full training step, fastdino vs reference-style, each alone
+  "kernels                      25  20"  # fused DINO loss and teacher EMA vs their references and byte floors
+  "step_vit_small_p8            45  15"
+  "step_vit_base_p8             55  15"
+  "step_ablation_vit_small_p16  50  15"  # each fast path alone over reference-style (smoke: none)
   "attention                    15  15"
-  "model                        25  20"
-  "data                         25  35"
-  "fsdp                         25  35"
+  "model                        20  15"
+  "data                         20  20"
+  "fsdp                         20  20"
+  "compile                      65  70"  # every torch.compile variant: the compile tests, ablation row, loss
 )
 SETUP_BUDGET=5  # making fastdino.kernels importable, counted in the sum
 KILL_AFTER=5    # a stage still running this long after its budget's SIGTERM is killed
@@ -43,10 +48,10 @@ KILL_AFTER=5    # a stage still running this long after its budget's SIGTERM is 
 stage_command() {  # the command of stage $1 (without --smoke/--out) into the array CMD
   case $1 in
     env) CMD=(bench/bench_env.py) ;;
-    gpu_tests) CMD=(bench/gpu_tests.py) ;;
+    gpu_tests) CMD=(bench/gpu_tests.py --marker "gpu and not compile") ;;
     step_ablation_vit_small_p16) CMD=(bench/bench_step.py --models vit_small_p16 --steps 10 --warmup 3) ;;
-    step_vit_base_p8) CMD=(bench/bench_step.py --models vit_base_p8 --no-ablation --steps 10 --warmup 3) ;;
-    step_*) CMD=(bench/bench_step.py --models "${1#step_}" --no-ablation) ;;
+    step_vit_small_p16) CMD=(bench/bench_step.py --models vit_small_p16 --no-ablation) ;;
+    step_*) CMD=(bench/bench_step.py --models "${1#step_}" --no-ablation --steps 10 --warmup 3) ;;
     data) CMD=(bench/bench_data.py --num-images 512 --steps 6 --warmup 1) ;;  # one epoch of 7 batches
     fsdp) CMD=(bench/bench_fsdp.py --models vit_small_p16) ;;
     *) CMD=("bench/bench_$1.py") ;;
@@ -59,7 +64,13 @@ if [ "$mode" = rehearse ]; then
   export OMP_NUM_THREADS=1  # tiny tensors: a second thread only spins (twice the time on 2 busy cores)
 else
   column=1; smoke=(); smoke_json=false
-  [ -d .gpu/site ] && export PYTHONPATH="$PWD/.gpu/site${PYTHONPATH:+:$PYTHONPATH}"  # xformers, DALI if brought
+  if [ -z "${FASTDINO_GIT_COMMIT:-}" ]; then  # every result file names the commit; the copy here has no .git
+    echo "run_gpu.sh: set FASTDINO_GIT_COMMIT to the commit of this tree (the device machine's copy has no .git):" \
+      "run 'git rev-parse HEAD' in your checkout, then FASTDINO_GIT_COMMIT=<that sha> bash bench/run_gpu.sh" >&2
+    exit 2
+  fi
+  export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True  # large steps after out-of-memory retries: less waste
+  [ -d .gpu/site ] && export PYTHONPATH="$PWD/.gpu/site${PYTHONPATH:+:$PYTHONPATH}"  # DALI if brought (README)
 fi
 export PYTHONUNBUFFERED=1
 
@@ -74,13 +85,23 @@ done
 for name in $only; do [[ "$all" == *" $name "* ]] || usage "$all"; done
 out=${OUT:-bench/results/run-$(date -u +%Y%m%d-%H%M%S)}
 mkdir -p "$out"
-run=$(mktemp -d); link=""  # the stage files, packed into $out after every stage; the import mapping (setup)
-trap 'rm -rf "$run" $link' EXIT
+out=$(cd -P "$out" && pwd)
+scratch=$(mktemp -d)  # run/: the stage files, packed into $out; pack: the packing; link/: the import mapping
+run=$scratch/run; mkdir "$run"
+trap 'rm -rf "$scratch"' EXIT
+{  # $run packed into $out/run.tar.gz; tar's exit code 1 is a log that grew while it was read
+  echo '#!/usr/bin/env bash'
+  printf 'run=%q out=%q\n' "$run" "$out"
+  echo 'tar -czf "$out/.run.tar.gz.$$" -C "$run" . 2>/dev/null; [ $? -le 1 ] && mv -f "$out/.run.tar.gz.$$" "$out/run.tar.gz"'
+  echo 'rm -f "$out/.run.tar.gz.$$"'
+} >"$scratch/pack"
+chmod +x "$scratch/pack"
+export BENCH_AFTER_WRITE=$scratch/pack
 total=$SETUP_BUDGET
 for budget in "${budgets[@]}"; do total=$((total + budget)); done
 started=$(date -u +%Y-%m-%dT%H:%M:%SZ); t0=$SECONDS
 
-write_stages() {  # stages.json into the run folder, then the run folder packed into $out
+write_stages() {  # stages.json into the run folder and into $out, then the run folder packed into $out
   local i files
   {
     printf '{\n  "mode": "%s",\n  "smoke": %s,\n  "started": "%s",\n  "wall_s": %d,\n' \
@@ -93,9 +114,9 @@ write_stages() {  # stages.json into the run folder, then the run folder packed 
         "${notes[$i]:+, \"note\": \"${notes[$i]}\"}" "$([ "$i" -lt $((${#names[@]} - 1)) ] && echo ,)"
     done
     printf '  ]\n}\n'
-  } >"$run/stages.json.tmp" && mv "$run/stages.json.tmp" "$run/stages.json"
-  cp "$run/stages.json" "$out/stages.json.tmp" && mv "$out/stages.json.tmp" "$out/stages.json"
-  tar -czf "$out/run.tar.gz.tmp" -C "$run" . && mv "$out/run.tar.gz.tmp" "$out/run.tar.gz"
+  } >"$run/.stages.json.tmp" && mv "$run/.stages.json.tmp" "$run/stages.json"
+  cp "$run/stages.json" "$out/.stages.json.tmp" && mv "$out/.stages.json.tmp" "$out/stages.json"
+  "$scratch/pack"
 }
 
 current=-1
@@ -107,6 +128,7 @@ on_signal() {  # cut off from outside: say which stage was running, keep what is
 trap on_signal TERM INT HUP
 
 echo "run_gpu.sh ($mode): ${#names[@]} stages, budgets sum to $total s (setup $SETUP_BUDGET s included), into $out"
+write_stages
 
 # Setup: bench scripts and tests import fastdino.kernels, which setup.py maps onto kernels/.
 {
@@ -114,14 +136,13 @@ echo "run_gpu.sh ($mode): ${#names[@]} stages, budgets sum to $total s (setup $S
   if timeout "$SETUP_BUDGET" python3 -c "$check"; then
     echo "fastdino.kernels imports as installed"
   else
-    link=$(mktemp -d)  # fastdino/ with kernels/ linked in, first on the path: setup.py's mapping, without pip
-    mkdir "$link/fastdino" && ln -s "$PWD"/fastdino/* "$link/fastdino/" && ln -s "$PWD/kernels" "$link/fastdino/kernels"
+    link=$scratch/link  # fastdino/ with kernels/ linked in, first on the path: setup.py's mapping, without pip
+    mkdir -p "$link/fastdino" && ln -s "$PWD"/fastdino/* "$link/fastdino/" && ln -s "$PWD/kernels" "$link/fastdino/kernels"
     export PYTHONPATH="$link:$PWD${PYTHONPATH:+:$PYTHONPATH}"
     echo "fastdino.kernels mapped through $link"
   fi
 } >"$run/setup.log" 2>&1
 cat "$run/setup.log"
-write_stages
 
 for i in "${!names[@]}"; do
   name=${names[$i]}; budget=${budgets[$i]}

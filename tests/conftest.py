@@ -16,6 +16,8 @@ if not torch.cuda.is_available():
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: checks a GPU code path when CUDA is present (run on the device machine "
                                        "by bench/run_gpu.sh; on CPU it skips or runs in the Triton interpreter)")
+    config.addinivalue_line("markers", "compile: runs torch.compile, about a minute cold on a GPU (bench/run_gpu.sh "
+                                       "runs these in its last stage, after every measurement)")
 
 
 @pytest.fixture(scope="module")

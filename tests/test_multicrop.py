@@ -118,6 +118,7 @@ def test_packed_equals_per_resolution_bf16_cuda(n_local):
 
 
 @pytest.mark.gpu
+@pytest.mark.compile
 @needs_cuda
 def test_compiled_blocks_match_eager_cuda():
     eager = make_wrapper(packed=True, efficient_drop_path=True).cuda()

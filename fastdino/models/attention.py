@@ -35,33 +35,45 @@ PACKED_CHUNK_TOKENS = 4096
 
 
 @functools.cache
-def xformers_usable() -> bool:
-    """True when xformers imports and its memory-efficient attention runs on the current CUDA device.
+def xformers_error() -> str | None:
+    """Why xformers' memory-efficient attention does not run on the current CUDA device; None when it runs.
 
     xformers may be installed without a working C++/CUDA extension (or without a GPU at all), so importing it is not
-    enough: a tiny attention call is tried once and the answer is cached.
+    enough: a tiny attention call is tried once and the answer is cached. The exception's text is kept, so that
+    a benchmark can say why a fast path was left off rather than fall back in silence.
     """
     if not torch.cuda.is_available():
-        return False
+        return "no CUDA device"
     try:
         import xformers.ops as xops
 
         q = torch.zeros(1, 8, 1, 64, device="cuda", dtype=torch.float16)
         xops.memory_efficient_attention(q, q, q)
-        return True
-    except Exception:  # any failure (ImportError, missing kernels, unsupported GPU) means "not usable"
-        return False
+        return None
+    except Exception as error:  # any failure (ImportError, missing kernels, unsupported GPU): its text is the answer
+        return f"{type(error).__name__}: {error}"
+
+
+def xformers_usable() -> bool:
+    """True when xformers imports and its memory-efficient attention runs on the current CUDA device."""
+    return xformers_error() is None
 
 
 @functools.cache
-def torch_varlen_usable(device_index: int) -> bool:
-    """True when PyTorch's variable-length flash attention runs on this CUDA device (tried once, cached)."""
+def varlen_attention_error(device_index: int) -> str | None:
+    """Why PyTorch's variable-length flash attention does not run on this CUDA device; None when it runs (tried
+    once, cached; the exception's text is kept, as for xformers_error)."""
     try:
         q = torch.zeros(8, 1, 64, device=torch.device("cuda", device_index), dtype=torch.bfloat16)
         _torch_varlen_attention(q[None], q[None], q[None], [5, 3])
-        return True
-    except Exception:  # missing op, unsupported GPU architecture
-        return False
+        return None
+    except Exception as error:  # missing op, unsupported GPU architecture, no CUDA: its text is the answer
+        return f"{type(error).__name__}: {error}"
+
+
+def torch_varlen_usable(device_index: int) -> bool:
+    """True when PyTorch's variable-length flash attention runs on this CUDA device."""
+    return varlen_attention_error(device_index) is None
 
 
 def _torch_varlen_attention(q: Tensor, k: Tensor, v: Tensor, seq_lens: Sequence[int]) -> Tensor:
