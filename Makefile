@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 DEMO_DIR ?= data/demo
 
-.PHONY: demo test install install-all clean-demo
+.PHONY: demo test install install-all clean-demo mutate
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -37,3 +37,18 @@ test: install-all
 
 clean-demo:
 	rm -rf runs/demo $(DEMO_DIR)
+
+# Mutation testing of one module, not in CI (minutes to hours): `make mutate MODULE=fastdino/guard.py`, optionally
+# TESTS="tests/test_a.py tests/test_b.py" (default: the module's own test files, tools/mutate.py). Kernels run in the
+# Triton interpreter. Results stay in mutants/ (git-ignored); `$(VENV)/bin/mutmut show NAME` prints one mutant.
+mutate: install-all
+	$(PY) -m pip install -q mutmut==3.8.1
+	TRITON_INTERPRET=1 $(PY) tools/mutate.py $(MODULE) $(TESTS)
+
+# The suite on the GPU machine's stack (torch 2.11, torchvision 0.26), in a venv of its own under the ignored build/:
+# run it before resolving an issue that changes tests (docs/DESIGN.md).
+GPU_STACK_VENV ?= build/venv-gpu-stack
+GPU_STACK_TORCH ?= torch==2.11.0 torchvision==0.26.0
+.PHONY: test-gpu-stack
+test-gpu-stack:
+	$(MAKE) test VENV=$(GPU_STACK_VENV) TORCH_SPEC="$(GPU_STACK_TORCH)"

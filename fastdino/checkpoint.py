@@ -101,9 +101,9 @@ def temporary_path(path: Path) -> Path:
 
 def save_atomic(state: Any, path: str | Path, serialize: Callable[[Any, IO[bytes]], Any] = torch.save) -> None:
     """Write `state` with `serialize` (torch.save, or another format's writer) to a temporary file beside `path`,
-    flush it to disk, then rename: a crash at any moment leaves either the previous file or the new one, never a
-    torn one. Raises OSError (with its errno) if the write fails; the temporary file is removed and `path` is
-    untouched."""
+    flush it to disk, then rename, then flush the folder (which holds the name): a crash at any moment leaves either
+    the previous file or the new one, never a torn one, and a power loss after return keeps the new one. Raises
+    OSError (with its errno) if the write fails; the temporary file is removed and `path` is untouched."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temporary_path(path)
@@ -119,9 +119,19 @@ def save_atomic(state: Any, path: str | Path, serialize: Callable[[Any, IO[bytes
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
+        fsync_directory(path.parent)
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def fsync_directory(directory: Path) -> None:
+    """Make the renames into `directory` durable (a power loss after return keeps them)."""
+    handle = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(handle)
+    finally:
+        os.close(handle)
 
 
 def write_text_atomic(text: str, path: str | Path) -> None:
@@ -139,10 +149,18 @@ def copy_atomic(source: str | Path, path: str | Path) -> None:
         try:
             os.link(source, tmp)
         except OSError:
-            shutil.copyfile(source, tmp)
+            copy_durably(source, tmp)
         os.replace(tmp, path)
+        fsync_directory(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def copy_durably(source: str | Path, destination: str | Path) -> None:
+    """Copy a file and fsync the copy: its bytes are on disk before a rename publishes it."""
+    shutil.copyfile(source, destination)
+    with open(destination, "rb") as handle:
+        os.fsync(handle.fileno())
 
 
 def latest_checkpoint(output_dir: str | Path) -> Path | None:

@@ -78,6 +78,7 @@ def save_sharded(state: dict[str, Any], path: str | Path, ctx: DistributedContex
     except dcp.CheckpointException as error:  # a full disk on any rank: its OSError, with errno, for the caller
         raise next((cause for cause in _causes(error) if isinstance(cause, OSError)), error) from None
     if ctx.is_main:
+        # last into the folder: its fsync of the folder makes the names of every file DCP wrote there durable too
         checkpoint.save_atomic({key: state[key] for key in PLAIN_KEYS if key in state}, tmp / PLAIN_FILE)
         for copy in copies:
             keep_copy(tmp, copy)
@@ -98,17 +99,8 @@ def _publish(tmp: Path, path: Path, old: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
         os.rename(path, old)
     os.rename(tmp, path)
+    checkpoint.fsync_directory(path.parent)
     shutil.rmtree(old, ignore_errors=True)
-    _fsync_directory(path.parent)
-
-
-def _fsync_directory(directory: Path) -> None:
-    """Make the renames durable (a power loss after return keeps them)."""
-    handle = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(handle)
-    finally:
-        os.close(handle)
 
 
 def find_sharded_checkpoint(path: str | Path) -> Path | None:
@@ -346,6 +338,7 @@ def keep_copy(path: str | Path, destination: str | Path) -> None:
     destination = Path(destination)
     tmp, _ = _staging_paths(destination)
     shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(path, tmp)
+    shutil.copytree(path, tmp, copy_function=checkpoint.copy_durably)
+    checkpoint.fsync_directory(tmp)
     shutil.rmtree(destination, ignore_errors=True)
-    os.rename(tmp, destination)
+    os.rename(tmp, destination)  # made durable by the publish that follows (save_sharded)

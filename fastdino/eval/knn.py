@@ -191,10 +191,13 @@ def knn_accuracy(backbone: nn.Module, train_dir: str | os.PathLike, val_dir: str
 
 
 def _cache_path(cache_dir: Path, checkpoint: str, folder: str, settings: dict) -> Path:
-    """A file name that changes whenever the checkpoint file, the folder or the extraction settings change."""
+    """A file name that changes whenever the checkpoint file, the folder's files (names, sizes, times: an image
+    replaced under the same name too) or the extraction settings change."""
     stat = os.stat(checkpoint)
+    files = [(str(path.relative_to(folder)), path.stat().st_size, path.stat().st_mtime_ns)
+             for path in sorted(Path(folder).rglob("*")) if path.is_file()]
     identity = {"checkpoint": os.path.abspath(checkpoint), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
-                "folder": os.path.abspath(folder), **settings}
+                "folder": os.path.abspath(folder), "files": files, **settings}
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:20]
     return cache_dir / f"features-{Path(folder).name}-{digest}.pt"
 
