@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval knn": ("fastdino.eval.knn", "weighted kNN top-1/top-5 of a checkpoint's frozen features"),
     "eval linear": ("fastdino.eval.linear", "linear probe on frozen features, the paper's protocol"),
     "eval attention": ("fastdino.eval.attention", "per-head self-attention pictures of a checkpoint"),
+    "plan": ("fastdino.memory_plan", "a config's predicted peak memory per process, term by term, and what fits"),
     "export": ("fastdino.export", "a checkpoint's backbone (reference or timm layout) or whole run (reference-run)"),
 }
 GROUPS = ("eval", "bench")  # first words shared by several commands

@@ -28,6 +28,7 @@ from fastdino.rules import (
     INVALID,
     non_negative,
     optional,
+    or_auto,
     positive,
     Rule,
     show,
@@ -71,8 +72,9 @@ class DataConfig:
     local_crop_size: int = 96  # side in pixels of the local crops
     batch_size_per_gpu: int = 64  # images per process and step (the global batch is this times the world size)
     # split each process's batch into this many equal micro-batches, one forward and backward each, whose gradients
-    # add up to the step of the whole batch (less memory, the same step; the center and optimizer move once)
-    micro_batches: int = 1
+    # add up to the step of the whole batch (less memory, the same step; the center and optimizer move once); auto:
+    # the fewest that fit the device's memory (fastdino plan shows the prediction)
+    micro_batches: int | str = 1
     num_workers: int = 10  # loader worker processes per training process; 0: load in the training process
 
 
@@ -128,7 +130,10 @@ class EvalConfig:
 @dataclass
 class DistributedConfig:
     strategy: str = "auto"  # auto (fsdp when world size > 1) | fsdp | ddp | none
-    activation_checkpointing: bool = False  # recompute each block's activations in backward: less memory
+    # recompute blocks' activations in the backward instead of keeping them: less memory, about a third more compute;
+    # auto: only if micro-batches alone do not fit the device's memory, and only as many blocks as needed
+    activation_checkpointing: Switch = False
+    checkpointed_blocks: int = 0  # with activation_checkpointing=true: how many blocks recompute, spread evenly; 0: all
 
 
 @dataclass
@@ -193,7 +198,7 @@ RULES: dict[str, Rule] = {
     "data.global_crop_size": positive,
     "data.local_crop_size": positive,
     "data.batch_size_per_gpu": positive,
-    "data.micro_batches": positive,
+    "data.micro_batches": or_auto(positive, "the fewest that fit the device's memory"),
     "data.num_workers": zero_means("load in the training process"),
     "optim.optimizer": choices("adamw", "sgd"),
     "optim.lr": positive,
@@ -217,6 +222,7 @@ RULES: dict[str, Rule] = {
     "eval.attention_images": zero_is_off,
     "eval.attention_image_size": positive,
     "distributed.strategy": choices("auto", "fsdp", "ddp", "none"),
+    "distributed.checkpointed_blocks": zero_means("all blocks"),
     "guard.action": choices("warn", "stop"),
     "guard.band": between(0, 0.5, low_open=True, high_open=True),
     "guard.drift": between(0, 1, low_open=True),
@@ -380,7 +386,12 @@ def validate(config: Config) -> None:
                  "eval.attention_image_size", config.eval.attention_image_size)
     batch = config.data.batch_size_per_gpu
     _enforce(Rule(f"must divide data.batch_size_per_gpu ({batch}) into equal micro-batches",
-                  lambda value: batch % value == 0), "data.micro_batches", config.data.micro_batches)
+                  lambda value: value == "auto" or batch % value == 0), "data.micro_batches", config.data.micro_batches)
+    from fastdino.models.vit import ARCHITECTURES
+
+    depth = config.model.depth or ARCHITECTURES[config.model.arch]["depth"]
+    _enforce(Rule(f"must be <= the model's {depth} blocks", lambda value: value <= depth),
+             "distributed.checkpointed_blocks", config.distributed.checkpointed_blocks)
     epochs = config.optim.epochs
     within_epochs = Rule(f"must be <= optim.epochs ({epochs})", lambda value: value <= epochs)
     for key in ("optim.warmup_epochs", "optim.freeze_last_layer", "dino.warmup_teacher_temp_epochs"):

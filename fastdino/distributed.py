@@ -152,16 +152,24 @@ def mixed_precision_policy(device: torch.device, autocast_dtype: torch.dtype) ->
     return MixedPrecisionPolicy()
 
 
-def apply_activation_checkpointing(backbone: nn.Module) -> None:
-    """Recompute each transformer block's activations in the backward instead of storing them.
+def apply_activation_checkpointing(backbone: nn.Module, count: int = 0) -> None:
+    """Recompute `count` transformer blocks' activations in the backward instead of storing them (0: every block),
+    spread evenly over the depth.
 
     Uses the composable `checkpoint` so that parameter names (and so checkpoints and the EMA matching) are
     unchanged. Must run before `fully_shard`.
     """
     from torch.distributed._composable import checkpoint
 
-    for block in _blocks(backbone):
-        checkpoint(block)
+    blocks = _blocks(backbone)
+    for index in sorted(recomputed_indices(len(blocks), count)):
+        checkpoint(blocks[index])
+
+
+def recomputed_indices(depth: int, count: int) -> set[int]:
+    """Which of `depth` blocks recompute when `count` do (0: all), spread evenly from the first."""
+    count = count or depth
+    return {position * depth // count for position in range(count)}
 
 
 def apply_fsdp(network: nn.Module, mesh: DeviceMesh, policy: MixedPrecisionPolicy) -> nn.Module:
@@ -188,12 +196,14 @@ def wrap_networks(
     fast,
     strategy: str | None = None,
     autocast_dtype: torch.dtype = torch.float32,
+    recomputed_blocks: int = 0,
 ) -> tuple[nn.Module, nn.Module]:
     """Wrap student and teacher (already on ctx.device, identical weights on every rank) for `strategy`
-    (resolved from config.distributed.strategy when None)."""
+    (resolved from config.distributed.strategy when None), with `recomputed_blocks` of the student's blocks
+    recomputed in the backward."""
     strategy = strategy or resolve_strategy(config.distributed.strategy, ctx)
-    if config.distributed.activation_checkpointing:
-        apply_activation_checkpointing(student.backbone)  # the teacher keeps no activations (no grad)
+    if recomputed_blocks:
+        apply_activation_checkpointing(student.backbone, recomputed_blocks)  # the teacher keeps no activations
     if strategy == "fsdp":
         policy = mixed_precision_policy(ctx.device, autocast_dtype)
         return apply_fsdp(student, ctx.mesh(), policy), apply_fsdp(teacher, ctx.mesh(), policy)

@@ -118,6 +118,12 @@ def optional(rule: Rule, meaning: str) -> Rule:
     return Rule(f"{rule.allowed}, or null ({meaning})", lambda value: value is None or rule.allows(value))
 
 
+def or_auto(rule: Rule, meaning: str) -> Rule:
+    """`rule`, or "auto" standing for `meaning` (an int | str setting: any other string is refused)."""
+    return Rule(f"{rule.allowed}, or auto ({meaning})",
+                lambda value: value == "auto" or (isinstance(value, int) and rule.allows(value)))
+
+
 def zero_means(meaning: str) -> Rule:
     """>= 0, where 0 has a meaning of its own that the message says."""
     return Rule(f"must be >= 0 (0: {meaning})", lambda value: value >= 0)

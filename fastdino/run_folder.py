@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import logging.handlers
 import re
 import shutil
 import time
@@ -91,14 +92,15 @@ def own_entries(output_dir: Path) -> list[Path]:
 def prepare(output_dir: Path, start_over: bool) -> None:
     """Rank 0, before any rank looks for a checkpoint: refuse a folder holding a run's names but no run, finish a
     sharded save cut between its renames, remove the temporaries of writes a kill interrupted, with `start_over`
-    move the previous run's own entries into a subfolder; then claim the folder (RUN_INFO) and log into RUN_LOG."""
+    move the previous run's own entries into a subfolder; then claim the folder (RUN_INFO) and hold the log's lines
+    for RUN_LOG."""
     check_usable(output_dir)
     sharded_checkpoint.finish_interrupted_publish(output_dir / sharded_checkpoint.SHARDED_DIR)
     remove_leftover_temporaries(output_dir)
     moved = move_aside(output_dir) if start_over else None
     if not holds_run(output_dir):  # claim the folder before anything else is written into it
         write_run_info(output_dir, {"started_from": "starting"})
-    log_to_run_folder(output_dir)
+    hold_log_lines()
     if moved is not None:
         log.info("resume=false: the previous run in %s was moved to %s; starting over", output_dir, moved)
     others = sorted(entry.name for entry in output_dir.iterdir()
@@ -152,19 +154,33 @@ def write_run_info(output_dir: Path, info: dict[str, Any]) -> Path:
     return path
 
 
-_run_log: logging.Handler | None = None
+_run_log: logging.Handler | None = None  # one run log per process: a later run's replaces an earlier one's
+
+
+def hold_log_lines() -> None:
+    """Keep the "fastdino" log's lines from now on for RUN_LOG, written once the run is accepted: a run refused while
+    starting (other settings, an untrusted checkpoint) leaves its folder as it was."""
+    _use_run_log(logging.handlers.MemoryHandler(capacity=1_000_000, flushLevel=logging.CRITICAL + 1))
 
 
 def log_to_run_folder(output_dir: Path) -> None:
-    """From now on, the "fastdino" log also goes to RUN_LOG in the run folder (appended, the file made at the first
-    line). One run log per process: a later run's replaces an earlier one's."""
+    """From now on, the "fastdino" log also goes to RUN_LOG in the run folder (appended), the lines held since
+    `hold_log_lines` first."""
+    run_log = logging.FileHandler(output_dir / RUN_LOG)
+    run_log.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S"))
+    if isinstance(_run_log, logging.handlers.MemoryHandler):
+        _run_log.setTarget(run_log)
+        _run_log.flush()
+    _use_run_log(run_log)
+
+
+def _use_run_log(handler: logging.Handler) -> None:
     global _run_log
     logger = logging.getLogger("fastdino")
     if _run_log is not None:
         logger.removeHandler(_run_log)
         _run_log.close()
-    _run_log = logging.FileHandler(output_dir / RUN_LOG, delay=True)
-    _run_log.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S"))
-    logger.addHandler(_run_log)
+    _run_log = handler
+    logger.addHandler(handler)
     if logger.getEffectiveLevel() > logging.INFO:  # the start-up block and the notes are INFO lines
         logger.setLevel(logging.INFO)

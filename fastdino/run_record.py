@@ -10,16 +10,14 @@ import platform
 import subprocess
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from fastdino.builders import precision_name
+from fastdino.memory_plan import device_memory_bytes
 from fastdino.models.attention import packed_kernel, resolve_backend
 from fastdino.models.vit import ARCHITECTURES
-
-if TYPE_CHECKING:
-    from fastdino.trainer import Trainer
 
 CHECKOUT = Path(__file__).resolve().parents[1]
 LIBRARIES = ("fastdino", "torchvision", "triton", "timm", "numpy", "xformers", "nvidia-dali-cuda130")
@@ -45,12 +43,8 @@ def device_name(device: torch.device) -> str:
 
 def device_memory_gib(device: torch.device) -> float | None:
     """The device's memory (the host's RAM for the CPU), GiB."""
-    if device.type == "cuda":
-        return round(torch.cuda.get_device_properties(device).total_memory / 2**30, 1)
-    try:
-        return round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
-    except (ValueError, OSError, AttributeError):
-        return None
+    memory = device_memory_bytes(device)
+    return None if memory is None else round(memory / 2**30, 1)
 
 
 def nvidia_driver() -> str | None:
@@ -89,8 +83,9 @@ def attention_path(backend: str, device: torch.device, dtype: torch.dtype, packe
     return f"one forward per crop size, {resolve_backend(backend, device)} attention"
 
 
-def describe(trainer: Trainer, started_from: str) -> dict[str, Any]:
-    """RUN_INFO's content for this start of the run: `started_from` says whether it is fresh or continues."""
+def describe(trainer: Any, started_from: str) -> dict[str, Any]:
+    """RUN_INFO's content for this start of a run (`trainer`: a fastdino.trainer.Trainer, once built):
+    `started_from` says whether it is fresh or continues."""
     config, fast = trainer.config, trainer.fast
     shape = ARCHITECTURES[config.model.arch]
     head_dim = shape["embed_dim"] // shape["num_heads"]
@@ -112,6 +107,9 @@ def describe(trainer: Trainer, started_from: str) -> dict[str, Any]:
         "total_steps": trainer.schedules.total_steps,
         "total_batch": total_batch,
         "effective_lr": config.optim.lr * total_batch / 256,
+        "micro_batches": trainer.memory.micro_batches,
+        "recomputed_blocks": trainer.memory.recomputed_blocks,
+        "memory": trainer.memory.reason,
         "student_parameters": parameters,
     }
 
@@ -130,6 +128,9 @@ def startup_lines(record: dict[str, Any]) -> list[str]:
         f"{record['images']:,} images, {record['steps_per_epoch']:,} steps per epoch of {record['total_batch']:,} "
         f"images ({record['total_steps']:,} steps in all), lr {record['effective_lr']:.3g} at this total batch, "
         f"{record['student_parameters']:,} student parameters",
+        f"{record['total_batch'] // record['world_size']} images a process as {record['micro_batches']} micro-batch"
+        f"{'es' if record['micro_batches'] > 1 else ''}, {record['recomputed_blocks']} blocks recomputed "
+        f"({record['memory']})",
         f"attention: {record['attention']}; fast paths:",
     ]
     return lines + [f"  {name}: {reason}" for name, reason in record["fast_paths"].items()]

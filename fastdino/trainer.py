@@ -44,6 +44,7 @@ from fastdino.distributed import (
 from fastdino.guard import Guard, GuardStop
 from fastdino.kernels import DinoLossOutput
 from fastdino.loss import DINOLoss, mean_output
+from fastdino.memory_plan import resolve_memory
 from fastdino.hub import backbone_state_dict
 from fastdino.metrics import MetricsLogger
 from fastdino.optim import (
@@ -86,8 +87,11 @@ class Trainer:
         student, teacher = build_networks(config, self.fast)
         student, teacher = student.to(self.device), teacher.to(self.device)
         self.strategy = resolve_strategy(config.distributed.strategy, self.ctx)
+        self.memory = resolve_memory(config, self.device, self.autocast_dtype, self.fast, self.strategy,
+                                     self.ctx.world_size)
         self.student, self.teacher = wrap_networks(
-            student, teacher, config, self.ctx, self.fast, self.strategy, self.autocast_dtype
+            student, teacher, config, self.ctx, self.fast, self.strategy, self.autocast_dtype,
+            self.memory.recomputed_blocks,
         )
         self.ema = build_teacher_ema(self.student, self.teacher, fused=self.fast.fused_ema)
         self.optimizer = build_optimizer(self.student, config.optim.optimizer, fused=self.fast.fused_adamw)
@@ -119,6 +123,7 @@ class Trainer:
             started_from = "a fresh run"
         self.reference = None  # loaded or not needed: its tensors are freed
         if self.ctx.is_main:
+            run_folder.log_to_run_folder(self.output_dir)  # the run is accepted: the lines held so far, then the rest
             record = run_record.describe(self, started_from)
             run_folder.write_run_info(self.output_dir, record)
             run_folder.write_resolved_config(self.output_dir, config)
@@ -267,7 +272,7 @@ class Trainer:
             if index == 0:
                 group["weight_decay"] = scheduled.weight_decay
         crops = [crop.to(self.device, non_blocking=True) for crop in crops]
-        micro_batches = config.data.micro_batches
+        micro_batches = self.memory.micro_batches
         self.optimizer.zero_grad(set_to_none=True)
         outputs = []
         for index, part in enumerate(zip(*(crop.chunk(micro_batches) for crop in crops))):

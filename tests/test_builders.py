@@ -17,8 +17,9 @@ def test_start_says_what_runs_and_why(tmp_path, caplog):
     lines = [record.getMessage() for record in caplog.records]
     head = next(index for index, line in enumerate(lines) if line.startswith("running on "))
     assert re.fullmatch(r"running on cpu-\w+, [\d.]+ GiB, precision fp32, strategy none over 1 process", lines[head])
-    assert lines[head + 2] == "attention: one forward per crop size, math attention; fast paths:"
-    block = dict(line.strip().split(": ", 1) for line in lines[head + 3: head + 11])
+    assert lines[head + 2] == "4 images a process as 1 micro-batch, 0 blocks recomputed (as set)"
+    assert lines[head + 3] == "attention: one forward per crop size, math attention; fast paths:"
+    block = dict(line.strip().split(": ", 1) for line in lines[head + 4: head + 12])
     assert block == {
         "fused_loss": "off (auto: needs CUDA)", "fused_ema": "off (set to false)",
         "packed": "off (auto: needs CUDA with xformers or varlen flash attention)",

@@ -50,6 +50,8 @@ def test_every_kind_of_start_leaves_the_users_files_alone(images, tmp_path):
     replaced = [path for path in run.iterdir() if path.name.startswith(run_folder.REPLACED_PREFIX)]
     assert len(replaced) == 1 and set(os.listdir(replaced[0])) == own_before  # the old run's own entries, only
     assert {"checkpoint.pth", "config.yaml", "log.jsonl", "run_info.json", "tensorboard"} <= own_before
+    # the line said before the run was accepted is in the new run's log, held until then
+    assert "was moved to" in (run / run_folder.RUN_LOG).read_text()
 
 
 def test_every_entry_a_finished_run_writes_is_its_own(images, tmp_path):
