@@ -58,6 +58,7 @@ from fastdino.rules import existing_folder, non_negative, positive  # noqa: E402
 from fastdino.errors import report_usage_errors  # noqa: E402
 from fastdino.models import xformers_usable  # noqa: E402
 from fastdino.models.attention import torch_varlen_usable  # noqa: E402
+from fastdino.memory_plan import planned_for  # noqa: E402
 from fastdino.models.vit import ARCHITECTURES  # noqa: E402
 from fastdino.trainer import Trainer  # noqa: E402
 
@@ -86,9 +87,18 @@ FAST_PATHS = {  # each fast path alone, as the ablation switches it on over refe
 }
 # torch.compile costs about a minute cold on a GPU: the ablation leaves it out unless --paths names it
 COMPILE_PATHS = ("compile",)
+# fastdino with less memory (--memory-rows): images/s and peak memory against fastdino's own row, each with the
+# memory plan's prediction
+MEMORY_ROWS = {
+    "micro_batches_2": {"data.micro_batches": 2},
+    "micro_batches_4": {"data.micro_batches": 4},
+    "recompute_all_blocks": {"distributed.activation_checkpointing": True},
+}
 # The row fields printed as each row is measured
 ROW_FIELDS = dict(model="", name="", batch="", step_ms_median=".1f", images_per_s=".1f", mfu=".1%",
-                  speedup_vs_reference_style=".2f", first_step_loss=".7f", error="", ran="")
+                  speedup_vs_reference_style=".2f", images_per_s_vs_fastdino=".2f", peak_memory_gib=".2f",
+                  peak_memory_vs_fastdino=".2f", planned_peak_gib=".2f",
+                  first_step_loss=".7f", error="", ran="")
 
 # What a call of each function says ran, as (module, attribute, part, implementation). The attention functions also
 # say whether they were handed an explicit block-diagonal mask: the path packed crops fall back to where
@@ -346,8 +356,8 @@ class ModelBench:
         """A contestant's switches: reference-style (fp32 on the CPU, where fp16 needs CUDA), fastdino, or
         reference-style with one fast path on."""
         reference = dict(REFERENCE_STYLE, precision="fp32") if self.device.type == "cpu" else REFERENCE_STYLE
-        if name == "fastdino":
-            return {**reference, **fastdino_settings(self.device, self.args.compile)}
+        if name == "fastdino" or name in MEMORY_ROWS:
+            return {**reference, **fastdino_settings(self.device, self.args.compile), **MEMORY_ROWS.get(name, {})}
         return {**reference, **FAST_PATHS.get(name, {})}
 
     def trainer(self, name: str, batch: int, extra: dict | None = None) -> Trainer:
@@ -371,8 +381,9 @@ class ModelBench:
             del start
         else:
             trainer = self.trainer(name, batch)
+            planned = planned_for(trainer).total / 2**30
             contestant = Contestant(name, trainer, synthetic_crops(trainer.config, self.device),
-                                    sync_every_step=name != "fastdino")
+                                    sync_every_step=name not in ("fastdino", *MEMORY_ROWS))
             del trainer
         try:
             reset_peak_memory(self.device)
@@ -383,6 +394,8 @@ class ModelBench:
             if isinstance(contestant, ReferenceRepoContestant):
                 contestant.close()
         row = summarize(contestant, self.results["flops_per_image"], batch, self.peak_tflops, memory)
+        if name != "reference_repo":
+            row["planned_peak_gib"] = planned
         return dict(row, first_step_loss=loss, ran=ran)
 
     def measure(self, name: str, batch: int, floor: int) -> dict:
@@ -443,6 +456,21 @@ class ModelBench:
             self.results["ablation"].append(row)
             self.save()
 
+    def memory_rows(self, fast: dict) -> None:
+        """fastdino in micro-batches and with every block recomputed, at the batch of its `fast` row: what each
+        costs in images/s and saves in peak memory (ratios against that row)."""
+        self.results["memory_rows"] = []
+        for name, extra in MEMORY_ROWS.items():
+            if fast["batch"] % extra.get("data.micro_batches", 1):
+                continue
+            row = self.measure(name, fast["batch"], fast["batch"])
+            if not row.get("out_of_memory"):
+                row["images_per_s_vs_fastdino"] = row["images_per_s"] / fast["images_per_s"]
+                if row["peak_memory_gib"] and fast["peak_memory_gib"]:
+                    row["peak_memory_vs_fastdino"] = row["peak_memory_gib"] / fast["peak_memory_gib"]
+            self.results["memory_rows"].append(row)
+            self.save()
+
     def with_loader(self) -> None:
         """The fastdino step fed by the real loader (DALI when installed) from JPEG files, against synthetic crops."""
         args, device = self.args, self.device
@@ -479,6 +507,9 @@ def bench_model(name: str, args, device: torch.device, peak_tflops: float | None
     reference = results["contestants"].get("reference_style")
     if args.paths and reference is not None:
         bench.ablation(args.paths, reference)
+    fast = results["contestants"].get("fastdino")
+    if args.memory_rows and fast is not None:
+        bench.memory_rows(fast)
     if args.loader:
         bench.with_loader()
 
@@ -501,6 +532,8 @@ def parse_args(argv):
                                         "(smoke: none)")
     parser.add_argument("--no-ablation", dest="ablation", action="store_false")
     parser.add_argument("--loader", action="store_true", help="also time the step fed by the real loader")
+    parser.add_argument("--memory-rows", action="store_true",
+                        help=f"also fastdino as {', '.join(MEMORY_ROWS)}: images/s and peak memory")
     parser.add_argument("--compile", action="store_true", help="fastdino contestant with torch.compile'd blocks")
     parser.add_argument("--reference-repo", type=Path,
                         help="a checkout of facebookresearch/dino: its own modules as a third contestant")

@@ -12,6 +12,7 @@ import os
 import re
 import statistics
 import subprocess
+import tempfile
 import time
 from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
@@ -79,6 +80,31 @@ def reset_peak_memory(device: torch.device) -> None:
 def peak_memory_gib(device: torch.device) -> float | None:
     """Peak allocated GPU memory since the last reset_peak_memory; None on CPU (not tracked)."""
     return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+
+
+def cpu_peak_bytes(step: Callable[[], object], live: list[torch.Tensor]) -> int:
+    """The CPU peak of `step()`: the bytes of the `live` tensors when it starts (weights, optimizer state, the batch:
+    blocks the profiler cannot see, as they were made before it started), plus the highest count of the allocator's
+    live bytes during the step, as the profiler's memory events report it."""
+    from torch.profiler import ProfilerActivity, profile
+
+    storages = {tensor.untyped_storage().data_ptr(): tensor.untyped_storage().nbytes() for tensor in live}
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiler:
+        step()
+    with tempfile.TemporaryDirectory() as folder:
+        trace = Path(folder) / "trace.json"
+        profiler.export_chrome_trace(str(trace))
+        events = json.loads(trace.read_text())["traceEvents"]
+    return sum(storages.values()) + max(event["args"]["Total Allocated"] for event in events
+                                        if event.get("name") == "[memory]")
+
+
+def training_state(trainer) -> list[torch.Tensor]:
+    """Every tensor a Trainer keeps between steps: both networks' weights and buffers, the optimizer's state."""
+    state = [value for moments in trainer.optimizer.state.values() for value in moments.values()
+             if isinstance(value, torch.Tensor)]
+    return [*trainer.student.parameters(), *trainer.teacher.parameters(), *trainer.student.buffers(),
+            *trainer.teacher.buffers(), *state]
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -158,7 +184,8 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
 
 # Figures that compare a time with another one or with a ceiling: printed only when they are measurements
 RATIO_FIELDS = frozenset({"speedup_vs_reference", "speedup_vs_reference_style", "overhead_vs_single_device",
-                          "dali_speedup", "mfu", "fraction_of_bandwidth_floor", "fraction_of_copy_bandwidth"})
+                          "dali_speedup", "mfu", "fraction_of_bandwidth_floor", "fraction_of_copy_bandwidth",
+                          "images_per_s_vs_fastdino"})
 
 
 def is_measurement(report: Mapping) -> bool:

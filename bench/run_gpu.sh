@@ -33,14 +33,14 @@ STAGES=(
   "gpu_tests                    75  45"  # pytest -m "gpu and not compile": kernels, attention, packed crops, step
   "step_vit_small_p16           35  20"  # full training step, fastdino vs reference-style, each alone
   "kernels                      25  20"  # fused DINO loss and teacher EMA vs their references and byte floors
-  "step_vit_small_p8            45  15"
-  "step_vit_base_p8             55  15"
+  "step_vit_small_p8            45  20"  # then fastdino in micro-batches and recomputing (--memory-rows)
+  "step_vit_base_p8             55  20"
   "step_ablation_vit_small_p16  50  15"  # each fast path alone over reference-style (smoke: none)
   "attention                    15  15"
   "model                        20  15"
   "data                         20  20"
   "fsdp                         20  20"
-  "compile                      65  70"  # every torch.compile variant: the compile tests, ablation row, loss
+  "compile                      65  60"  # every torch.compile variant: the compile tests, ablation row, loss
 )
 SETUP_BUDGET=5  # making fastdino.kernels importable, counted in the sum
 KILL_AFTER=5    # a stage still running this long after its budget's SIGTERM is killed
@@ -51,7 +51,7 @@ stage_command() {  # the command of stage $1 (without --smoke/--out) into the ar
     gpu_tests) CMD=(bench/gpu_tests.py --marker "gpu and not compile") ;;
     step_ablation_vit_small_p16) CMD=(bench/bench_step.py --models vit_small_p16 --steps 10 --warmup 3) ;;
     step_vit_small_p16) CMD=(bench/bench_step.py --models vit_small_p16 --no-ablation) ;;
-    step_*) CMD=(bench/bench_step.py --models "${1#step_}" --no-ablation --steps 10 --warmup 3) ;;
+    step_*) CMD=(bench/bench_step.py --models "${1#step_}" --no-ablation --steps 10 --warmup 3 --memory-rows) ;;
     data) CMD=(bench/bench_data.py --num-images 512 --steps 6 --warmup 1) ;;  # one epoch of 7 batches
     fsdp) CMD=(bench/bench_fsdp.py --models vit_small_p16) ;;
     *) CMD=("bench/bench_$1.py") ;;

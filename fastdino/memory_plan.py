@@ -30,6 +30,7 @@ import copy
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -235,15 +236,12 @@ def resolve_memory(config: Config, device: torch.device, dtype: torch.dtype, fas
     micro = config.data.micro_batches
     if micro != "auto" and setting.activation_checkpointing != "auto":
         return MemoryChoice(micro, recomputed[0], "as set")
-    options = [micro] if micro != "auto" else [count for count in range(1, batch + 1) if batch % count == 0]
+    options = [micro] if micro != "auto" else divisors(batch)
     memory = device_memory_bytes(device)
     if memory is None:
         raise ConfigError(f"{device} does not say how much memory it has: set data.micro_batches and "
                           "distributed.activation_checkpointing instead of auto")
-    shapes = network_shapes(config)
-    chosen = fit(config, memory, options, recomputed, shapes=shapes, world_size=world_size, strategy=strategy,
-                 kernel=attention_kernel(config, device, dtype, fast.packed), compute_bytes=dtype.itemsize,
-                 fused_loss=fast.fused_loss)
+    chosen = fit(config, memory, options, recomputed, **run_options(config, device, dtype, fast, strategy, world_size))
     if chosen is None:
         raise ConfigError(f"data.batch_size_per_gpu={batch}: predicted not to fit the {memory / 2**30:.0f} GiB of "
                           f"{device} even at {batch // options[-1]} image(s) a micro-batch with "
@@ -251,6 +249,28 @@ def resolve_memory(config: Config, device: torch.device, dtype: torch.dtype, fas
                           "or more processes")
     return MemoryChoice(chosen.micro_batches, chosen.recomputed_blocks,
                         f"auto: predicted peak {chosen.plan.total / 2**30:.1f} of {memory / 2**30:.0f} GiB")
+
+
+def divisors(batch: int) -> list[int]:
+    """The micro-batch counts that cut `batch` into equal parts, fewest first."""
+    return [count for count in range(1, batch + 1) if batch % count == 0]
+
+
+def run_options(config: Config, device: torch.device, dtype: torch.dtype, fast: FastPaths, strategy: str,
+                world_size: int) -> dict:
+    """`plan_memory`'s options for a run with these resolved parts."""
+    return dict(world_size=world_size, strategy=strategy, kernel=attention_kernel(config, device, dtype, fast.packed),
+                compute_bytes=dtype.itemsize, fused_loss=fast.fused_loss, shapes=network_shapes(config))
+
+
+def planned_for(trainer: Any) -> MemoryPlan:
+    """The plan of a built fastdino.trainer.Trainer as it resolved its settings: what a benchmark compares with the
+    peak it measures."""
+    config = copy.deepcopy(trainer.config)
+    config.data.micro_batches = trainer.memory.micro_batches
+    return plan_memory(config, recomputed_blocks=trainer.memory.recomputed_blocks,
+                       **run_options(config, trainer.device, trainer.autocast_dtype, trainer.fast, trainer.strategy,
+                                     trainer.ctx.world_size))
 
 
 def planned_kernel(config: Config, on_gpu: bool) -> str:
@@ -307,8 +327,8 @@ def main(argv: Sequence[str] | None = None) -> str:
                  parse_size(args.memory) / GiB if args.memory else None)]
     if args.memory:
         batch = data.batch_size_per_gpu
-        chosen = fit(config, parse_size(args.memory), [count for count in range(1, batch + 1) if batch % count == 0],
-                     list(range(depth + 1)), shapes=shapes, **options)
+        chosen = fit(config, parse_size(args.memory), divisors(batch), list(range(depth + 1)), shapes=shapes,
+                     **options)
         lines.append("auto (10% margin): " + (
             f"{chosen.micro_batches} micro-batch{'es' if chosen.micro_batches > 1 else ''} of "
             f"{batch // chosen.micro_batches}, {chosen.recomputed_blocks} of {depth} blocks recomputed: predicted "

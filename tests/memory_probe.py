@@ -1,7 +1,7 @@
-"""Measure one training step's peak memory on the CPU, in a fresh process (run as a script by test_memory_plan.py):
-the bytes of every tensor alive when the step starts (weights, buffers, optimizer state, the batch), plus the
-highest count of the CPU allocator's live bytes during the step, as the profiler's memory events report it. Prints
-{"measured": bytes, "planned": bytes} as JSON."""
+"""Measure one training step's peak memory on the CPU, in a fresh process (run as a script by test_memory_plan.py;
+another Trainer built earlier in the same process would free its blocks while the profiler counts): the allocator's
+peak as bench.common.cpu_peak_bytes measures it, after two steps (the optimizer state exists from the first).
+Prints {"measured": bytes, "planned": bytes} as JSON."""
 import json
 import sys
 import tempfile
@@ -9,15 +9,10 @@ from pathlib import Path
 
 import torch
 from helpers import tiny_config, write_image_folder
-from torch.profiler import ProfilerActivity, profile
 
-from fastdino.memory_plan import plan_memory
+from bench.common import cpu_peak_bytes, training_state
+from fastdino.memory_plan import planned_for
 from fastdino.trainer import Trainer
-
-
-def live_bytes(tensors) -> int:
-    storages = {tensor.untyped_storage().data_ptr(): tensor.untyped_storage().nbytes() for tensor in tensors}
-    return sum(storages.values())
 
 
 def main(overrides: list[str]) -> None:
@@ -31,24 +26,12 @@ def main(overrides: list[str]) -> None:
     def batch():
         return [torch.randn(data.batch_size_per_gpu, 3, size, size, generator=generator) for size in sizes]
 
-    for _ in range(2):  # the optimizer state exists from the first step on
+    for _ in range(2):
         trainer.train_step(batch())
     crops = batch()
-    trainer.optimizer.zero_grad(set_to_none=True)  # the profiler does not see blocks made before it freed
-    state = [value for moments in trainer.optimizer.state.values() for value in moments.values()
-             if isinstance(value, torch.Tensor)]
-    before = live_bytes([*trainer.student.parameters(), *trainer.teacher.parameters(), *trainer.student.buffers(),
-                         *trainer.teacher.buffers(), *state, *crops])
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiler:
-        trainer.train_step(crops)
-    trace = work / "trace.json"
-    profiler.export_chrome_trace(str(trace))
-    peak = max(event["args"]["Total Allocated"] for event in json.loads(trace.read_text())["traceEvents"]
-               if event.get("name") == "[memory]")
-    config = trainer.config
-    planned = plan_memory(config, kernel="math" if config.model.attention == "math" else "flash", compute_bytes=4,
-                          recomputed_blocks=trainer.memory.recomputed_blocks)
-    print(json.dumps({"measured": before + peak, "planned": planned.total}))
+    trainer.optimizer.zero_grad(set_to_none=True)  # freed before the profiler starts, which cannot see it freed
+    measured = cpu_peak_bytes(lambda: trainer.train_step(crops), [*training_state(trainer), *crops])
+    print(json.dumps({"measured": measured, "planned": planned_for(trainer).total}))
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 """bench/bench_step.py --smoke: both contestants run, compute the same loss on the same batch, differ only in their
-switches, and name the implementations that ran; a contestant that runs out of memory is a row of its own and is
+switches, and name the implementations that ran; fastdino in micro-batches and recomputing its blocks runs too; a contestant that runs out of memory is a row of its own and is
 tried again at half the batch, and the file is rewritten after every contestant."""
 import importlib.util
 import json
@@ -22,7 +22,7 @@ def load_bench_step():
 
 def test_step_benchmark_smoke(tmp_path, capsys):
     out = tmp_path / "step.json"
-    load_bench_step().main(["--smoke", "--out", str(out)])
+    load_bench_step().main(["--smoke", "--memory-rows", "--out", str(out)])
     report = json.loads(out.read_text())
     model = report["models"][0]
     losses = model["first_step_loss"]
@@ -38,9 +38,16 @@ def test_step_benchmark_smoke(tmp_path, capsys):
     assert fast["ran"]["optimizer"] == ["adamw_fused"]
     assert model["comparison_batch"] == 2 == reference["batch"] == fast["batch"]
     assert fast["images_per_s"] > 0 and report["smoke"] is True and report["complete"]
+    # the memory rows: the same first step as fastdino's (micro-batches and recomputation change no number), each
+    # with the plan's prediction for its own settings
+    rows = {row["name"]: row for row in model["memory_rows"]}
+    assert set(rows) == {"micro_batches_2", "recompute_all_blocks"}  # 4 micro-batches do not divide the batch of 2
+    for row in rows.values():
+        assert row["first_step_loss"] == pytest.approx(losses["fastdino"], rel=1e-5) and row["batch"] == 2
+    assert rows["micro_batches_2"]["planned_peak_gib"] != fast["planned_peak_gib"] > 0
     printed = capsys.readouterr().out
     assert "functional check (CPU smoke), not a measurement" in printed
-    assert "images_per_s=" in printed and "speedup" not in printed
+    assert "images_per_s=" in printed and "speedup" not in printed and "_vs_fastdino" not in printed
 
 
 @pytest.mark.parametrize("reference_fits_at", [1, None], ids=["fits-at-half", "never-fits"])
