@@ -49,16 +49,25 @@ def probe_images():
 
 
 # ------------------------------------------------------------------ what each rank does
-def scenario_step(ctx, work, data, strategy, micro_batches=1):
-    """Two steps on this rank's slice of fixed batches, in `micro_batches` pieces; then the full weights, the center
-    and the gradient reductions each step made (rank 0 saves)."""
+def run_name(strategy, micro_batches, recomputed_blocks):
+    return f"{strategy}_{micro_batches}" + (f"_recompute{recomputed_blocks}" if recomputed_blocks else "")
+
+
+def scenario_step(ctx, work, data, strategy, micro_batches=1, recomputed_blocks=0):
+    """Two steps on this rank's slice of fixed batches, in `micro_batches` pieces, with `recomputed_blocks` of the
+    student's blocks recomputed; then the full weights, the center and the gradient reductions each step made (rank 0
+    saves)."""
     from fastdino.distributed import full_state_dict
 
     # micro-batches with packed crops, the GPU default: FSDP2 reduce-scatters a block once per use in a backward, so
-    # with one forward per crop size the last micro-batch would reduce each block twice (docs/DESIGN.md)
+    # with one forward per crop size the last micro-batch would reduce each block twice (README)
     packed = "fast.packed=true" if micro_batches > 1 else "fast.packed=false"
-    trainer = Trainer(tiny_config(data, work / f"run_{strategy}_{micro_batches}", f"distributed.strategy={strategy}",
-                                  f"data.micro_batches={micro_batches}", packed, *STEP_SETTINGS), ctx)
+    recompute = [f"distributed.activation_checkpointing={str(bool(recomputed_blocks)).lower()}",
+                 f"distributed.checkpointed_blocks={recomputed_blocks}"]
+    name = run_name(strategy, micro_batches, recomputed_blocks)
+    trainer = Trainer(tiny_config(data, work / f"run_{name}", f"distributed.strategy={strategy}",
+                                  f"data.micro_batches={micro_batches}", packed, *recompute, *STEP_SETTINGS), ctx)
+    assert trainer.memory.recomputed_blocks == recomputed_blocks
     assert trainer.strategy == strategy
     reductions = count_gradient_reductions(trainer.student)
     rows = slice(ctx.rank * BATCH_PER_RANK, (ctx.rank + 1) * BATCH_PER_RANK)
@@ -69,7 +78,7 @@ def scenario_step(ctx, work, data, strategy, micro_batches=1):
     state = {"student": full_state_dict(trainer.student), "teacher": full_state_dict(trainer.teacher),
              "center": trainer.dino_loss.center.clone(), "losses": losses, "reductions": reductions}
     if ctx.is_main:
-        torch.save(state, work / f"step_{strategy}_{micro_batches}.pt")
+        torch.save(state, work / f"step_{name}.pt")
     return trainer
 
 
@@ -171,6 +180,7 @@ def _scenarios(ctx, work, data):
     scenario_step(ctx, work, data, "ddp")
     for strategy in ("fsdp", "ddp"):
         scenario_step(ctx, work, data, strategy, micro_batches=2)
+    scenario_step(ctx, work, data, "fsdp", micro_batches=2, recomputed_blocks=1)  # 1 of the 2 blocks
     scenario_clip(ctx, work)
     scenario_resume(ctx, work, data)
 
@@ -199,11 +209,13 @@ def reference(two_ranks, tmp_path_factory):
     return single_process_reference(data, tmp_path_factory.mktemp("single"))
 
 
-@pytest.mark.parametrize("strategy, micro_batches", [("fsdp", 1), ("ddp", 1), ("fsdp", 2), ("ddp", 2)])
-def test_two_ranks_step_equals_one_rank_on_the_whole_batch(strategy, micro_batches, two_ranks, reference):
+@pytest.mark.parametrize("strategy, micro_batches, recomputed_blocks",
+                         [("fsdp", 1, 0), ("ddp", 1, 0), ("fsdp", 2, 0), ("ddp", 2, 0), ("fsdp", 2, 1)])
+def test_two_ranks_step_equals_one_rank_on_the_whole_batch(strategy, micro_batches, recomputed_blocks, two_ranks,
+                                                           reference):
     work, _ = two_ranks
     trainer, losses = reference
-    got = torch.load(work / f"step_{strategy}_{micro_batches}.pt")
+    got = torch.load(work / f"step_{run_name(strategy, micro_batches, recomputed_blocks)}.pt")
     np.testing.assert_allclose(got["losses"], losses, rtol=1e-5)
     for network in ("student", "teacher"):
         expected = getattr(trainer, network).state_dict()
@@ -220,7 +232,7 @@ def test_two_ranks_step_equals_one_rank_on_the_whole_batch(strategy, micro_batch
 @pytest.mark.parametrize("strategy", ["fsdp", "ddp"])
 def test_micro_batches_reduce_gradients_once_per_step(strategy, two_ranks):
     work, _ = two_ranks
-    whole, split = (torch.load(work / f"step_{strategy}_{micro}.pt")["reductions"] for micro in (1, 2))
+    whole, split = (torch.load(work / f"step_{run_name(strategy, micro, 0)}.pt")["reductions"] for micro in (1, 2))
     assert len(whole) > 0 and len(split) == len(whole)
 
 

@@ -147,3 +147,26 @@ def test_some_blocks_recompute_spread_evenly_with_the_gradients_of_none(count, r
     assert [index for index, calls_made in enumerate(calls) if calls_made == 2] == recomputed  # packed: 1 forward
     for (name, expected), actual in zip(plain.named_parameters(), recomputing.parameters()):
         torch.testing.assert_close(actual.grad, expected.grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+@pytest.mark.gpu
+@pytest.mark.compile
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="torch.compile of the blocks is a CUDA path")
+def test_some_blocks_recompute_under_compiled_blocks_with_the_gradients_of_none():
+    from fastdino.models import DINOHead, MultiCropWrapper, vit_tiny
+
+    def network(compiled: bool):
+        torch.manual_seed(0)
+        return MultiCropWrapper(vit_tiny(patch_size=8, depth=4, img_size=16, drop_path_rate=0.0,
+                                         compile_blocks=compiled), DINOHead(192, 64, hidden_dim=32, bottleneck_dim=16),
+                                packed=True).cuda()
+
+    plain, recomputing = network(False), network(True)
+    recomputing.load_state_dict(plain.state_dict())
+    apply_activation_checkpointing(recomputing.backbone, 2)
+    crops = [torch.randn(2, 3, size, size, device="cuda", generator=torch.Generator("cuda").manual_seed(size))
+             for size in (16, 16, 8)]
+    plain(crops).square().mean().backward()
+    recomputing(crops).square().mean().backward()
+    for (name, expected), actual in zip(plain.named_parameters(), recomputing.parameters()):
+        torch.testing.assert_close(actual.grad, expected.grad, rtol=1e-4, atol=1e-5, msg=name)
