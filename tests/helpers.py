@@ -1,10 +1,12 @@
 """Small builders shared by the training tests: a folder of tiny JPEGs, a tiny-model config, a free port, two gloo
-ranks, exact state comparison, and a user's files planted where a run writes."""
+ranks, exact state comparison, a user's files planted where a run writes, and the bench scripts as modules."""
 import datetime
+import importlib.util
 import os
 import socket
 import subprocess
 import traceback
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -129,3 +131,12 @@ def run_on_two_ranks(scenarios, work, data) -> None:
     import torch.multiprocessing as mp
 
     mp.spawn(_two_rank_worker, args=(free_port(), scenarios, work, data), nprocs=2, join=True)
+
+
+def load_bench(name: str):
+    """A benchmark script of bench/ (e.g. "bench_step") as a module: they are scripts, not an installed package."""
+    path = Path(__file__).resolve().parents[1] / "bench" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

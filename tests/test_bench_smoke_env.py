@@ -1,18 +1,15 @@
 """bench/bench_env.py --smoke: the environment stage names the device and its memory, records which attention paths
 run here with the exception's text for each that does not (packed crops must not fall back in silence), and
 rewrites its file after every probe."""
-import importlib.util
 import json
-from pathlib import Path
 
-BENCH = Path(__file__).resolve().parent.parent / "bench" / "bench_env.py"
+from helpers import load_bench
+
 ATTENTION_PATHS = {"varlen_flash", "xformers", "sdpa_flash", "sdpa_efficient", "sdpa_cudnn", "sdpa_math"}
 
 
 def test_bench_env_smoke_records_the_attention_paths_as_it_goes(tmp_path, capsys, monkeypatch):
-    spec = importlib.util.spec_from_file_location("bench_env", BENCH)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_bench("bench_env")
     written, write_report = [], bench.write_report
 
     def noting_write(report, *args, **kwargs):

@@ -1,19 +1,14 @@
 """The kernel benchmark's CPU smoke mode runs end to end, checks fused == reference, writes only where told, and
 rewrites its file after every row (a stage cut off keeps the rows it measured)."""
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
-
-BENCH = Path(__file__).resolve().parent.parent / "bench" / "bench_kernels.py"
+from helpers import load_bench
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
 def test_bench_kernels_smoke(tmp_path, capsys, monkeypatch):
-    spec = importlib.util.spec_from_file_location("bench_kernels", BENCH)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_bench("bench_kernels")
     written, write_report = [], bench.write_report
 
     def noting_write(report, *args, **kwargs):

@@ -1,16 +1,12 @@
 """bench/bench_memory.py --smoke: every row runs in a process of its own, computes what it names (its micro-batches
 and recomputed blocks), and carries the plan's prediction beside the measured peak."""
-import importlib.util
 import json
-from pathlib import Path
 
-BENCH = Path(__file__).resolve().parents[1] / "bench" / "bench_memory.py"
+from helpers import load_bench
 
 
 def test_memory_benchmark_smoke(tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location("bench_memory", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_bench("bench_memory")
     out = tmp_path / "memory.json"
     module.main(["--smoke", "--out", str(out)])
     report = json.loads(out.read_text())

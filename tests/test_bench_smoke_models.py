@@ -1,16 +1,7 @@
 """The attention and model benchmarks' CPU smoke modes run end to end and write JSON only where told."""
-import importlib.util
 import json
-from pathlib import Path
 
-BENCH = Path(__file__).resolve().parent.parent / "bench"
-
-
-def load_bench(name):
-    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from helpers import load_bench
 
 
 def test_bench_attention_smoke(tmp_path, capsys):

@@ -1,28 +1,20 @@
 """bench/bench_step.py --smoke: both contestants run, compute the same loss on the same batch, differ only in their
-switches, and name the implementations that ran; fastdino in micro-batches and recomputing its blocks runs too; a contestant that runs out of memory is a row of its own and is
-tried again at half the batch, and the file is rewritten after every contestant."""
-import importlib.util
+switches, and name the implementations that ran; fastdino in micro-batches and recomputing its blocks runs too; a
+contestant that runs out of memory is a row of its own and is tried again at half the batch, and the file is
+rewritten after every contestant."""
 import json
 import os
-from pathlib import Path
 
 import pytest
 import torch
+from helpers import load_bench
 
-BENCH = Path(__file__).resolve().parents[1] / "bench" / "bench_step.py"
 INJECTED = "CUDA out of memory. Tried to allocate 2.00 GiB (injected by the test)"
-
-
-def load_bench_step():
-    spec = importlib.util.spec_from_file_location("bench_step", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_step_benchmark_smoke(tmp_path, capsys):
     out = tmp_path / "step.json"
-    load_bench_step().main(["--smoke", "--memory-rows", "--out", str(out)])
+    load_bench("bench_step").main(["--smoke", "--memory-rows", "--out", str(out)])
     report = json.loads(out.read_text())
     model = report["models"][0]
     losses = model["first_step_loss"]
@@ -52,7 +44,7 @@ def test_step_benchmark_smoke(tmp_path, capsys):
 
 @pytest.mark.parametrize("reference_fits_at", [1, None], ids=["fits-at-half", "never-fits"])
 def test_a_contestant_out_of_memory_is_a_row_retried_at_half_the_batch(tmp_path, monkeypatch, reference_fits_at):
-    module = load_bench_step()
+    module = load_bench("bench_step")
     train_step = module.Trainer.train_step
 
     def running_out(trainer, crops, *args, **kwargs):  # reference-style runs out of memory above its batch
@@ -95,6 +87,6 @@ def test_reference_repository_modules_compute_the_same_first_loss(tmp_path):
     """The reference's own ViT, head, loss and schedules from the same weights and batch give the same loss as the
     reference-style contestant: the baseline the speedups are measured against is faithful."""
     out = tmp_path / "step.json"
-    load_bench_step().main(["--smoke", "--reference-repo", os.environ["FASTDINO_REFERENCE_REPO"], "--out", str(out)])
+    load_bench("bench_step").main(["--smoke", "--reference-repo", os.environ["FASTDINO_REFERENCE_REPO"], "--out", str(out)])
     losses = json.loads(out.read_text())["models"][0]["first_step_loss"]
     assert losses["reference_repo"] == pytest.approx(losses["reference_style"], rel=1e-5)

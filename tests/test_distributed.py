@@ -363,13 +363,7 @@ def test_activation_checkpointing_keeps_names_and_gradients():
 
 # ------------------------------------------------------------------ the benchmark's CPU smoke mode
 def test_bench_fsdp_smoke(tmp_path):
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parent.parent / "bench" / "bench_fsdp.py"
-    spec = importlib.util.spec_from_file_location("bench_fsdp", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = helpers.load_bench("bench_fsdp")
     report = bench.main(["--smoke", "--out", str(tmp_path / "fsdp.json")])
     assert not dist.is_initialized()  # the benchmark's world of one is gone again
     saved = json.loads((tmp_path / "fsdp.json").read_text())
