@@ -132,12 +132,14 @@ def plan_memory(config: Config, world_size: int = 1, kernel: str = "flash", comp
     plan = MemoryPlan()
     add = lambda name, value, rule: plan.terms.append(Term(name, float(value), rule))  # noqa: E731
 
-    add("student weights", 4 * params / shard, f"{params:,} fp32 parameters" + (f" / {shard} ranks" if shard > 1 else ""))
+    add("student weights", 4 * params / shard,
+        f"{params:,} fp32 parameters" + (f" / {shard} ranks" if shard > 1 else ""))
     add("teacher weights", 4 * params / shard, "the same, fp32")
     grads = params if data.micro_batches > 1 else shapes.head
     add("gradients", 4 * grads / shard, "fp32; all once a micro-batch has run, else the head's (written first)")
     moments = 2 if config.optim.optimizer == "adamw" else 1
-    add("optimizer state", 4 * moments * params / shard, f"{moments} fp32 moment{'s' if moments > 1 else ''} a parameter")
+    add("optimizer state", 4 * moments * params / shard,
+        f"{moments} fp32 moment{'s' if moments > 1 else ''} a parameter")
     if strategy == "ddp":
         add("DDP gradient buckets", 4 * params, "one more fp32 copy of the gradients")
     if strategy == "fsdp" and shard > 1:
@@ -321,7 +323,8 @@ def main(argv: Sequence[str] | None = None) -> str:
     data = config.data
     lines = [f"{config.model.arch} patch {config.model.patch_size}, {data.batch_size_per_gpu} images a process as "
              f"{micro} micro-batch{'es' if micro > 1 else ''}, 2 x {data.global_crop_size} + "
-             f"{data.local_crops_number} x {data.local_crop_size} px crops, {precision}, {options['kernel']} attention, "
+             f"{data.local_crops_number} x {data.local_crop_size} px crops, {precision}, {options['kernel']} "
+             "attention, "
              f"strategy {strategy} over {args.gpus} process{'es' if args.gpus > 1 else ''}",
              plan_memory(trial, recomputed_blocks=recomputed, shapes=shapes, **options).table(
                  parse_size(args.memory) / GiB if args.memory else None)]

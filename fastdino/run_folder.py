@@ -80,8 +80,8 @@ def check_usable(output_dir: str | Path) -> None:
     named = sorted(entry.name for entry in output_dir.iterdir() if is_own(entry.name))
     if named and not holds_run(output_dir):
         raise ForeignFolderError(
-            f"output_dir={output_dir} holds {', '.join(named)}, which a run writes, but no fastdino run (no checkpoint, "
-            f"no {RUN_INFO}): they are not touched; pass another output_dir=..., or move them away")
+            f"output_dir={output_dir} holds {', '.join(named)}, which a run writes, but no fastdino run (no "
+            f"checkpoint, no {RUN_INFO}): they are not touched; pass another output_dir=..., or move them away")
 
 
 def own_entries(output_dir: Path) -> list[Path]:

@@ -87,6 +87,7 @@ def test_reference_repository_modules_compute_the_same_first_loss(tmp_path):
     """The reference's own ViT, head, loss and schedules from the same weights and batch give the same loss as the
     reference-style contestant: the baseline the speedups are measured against is faithful."""
     out = tmp_path / "step.json"
-    load_bench("bench_step").main(["--smoke", "--reference-repo", os.environ["FASTDINO_REFERENCE_REPO"], "--out", str(out)])
+    load_bench("bench_step").main(["--smoke", "--reference-repo", os.environ["FASTDINO_REFERENCE_REPO"],
+                                   "--out", str(out)])
     losses = json.loads(out.read_text())["models"][0]["first_step_loss"]
     assert losses["reference_repo"] == pytest.approx(losses["reference_style"], rel=1e-5)

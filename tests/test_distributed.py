@@ -263,7 +263,8 @@ def test_fsdp_stop_and_resume_is_bit_identical(two_ranks):
                 assert torch.equal(value, resumed["optimizer"][name][key]), f"rank {rank}: optimizer {name}.{key}"
         assert torch.equal(straight["center"], resumed["center"])
     def rows(run):
-        return [(row["step"], row["loss"]) for row in map(json.loads, (work / run / "log.jsonl").read_text().splitlines())]
+        lines = (work / run / "log.jsonl").read_text().splitlines()
+        return [(row["step"], row["loss"]) for row in map(json.loads, lines)]
 
     assert rows("straight") == rows("resumed") and len(rows("straight")) == 8  # same data order, same losses
     assert (work / "resumed" / sharded_checkpoint.SHARDED_DIR / ".metadata").is_file()
