@@ -95,15 +95,20 @@ def timm_model(shape: dict) -> nn.Module:
                              num_classes=0, qkv_bias=True)
 
 
-def export(source: str | Path, out: str | Path, format: str = "reference", checkpoint_key: str = "teacher") -> str:
-    """Write the `checkpoint_key` backbone of `source` to `out`, load it back into timm's ViT (and fastdino's for the
-    reference layout) with strict=True, check that they compute the same CLS features as the source network, and
-    return a one-line description of what was written."""
+def export(source: str | Path, out: str | Path, format: str = "reference", checkpoint_key: str | None = None) -> str:
+    """Write the `checkpoint_key` backbone of `source` (default: the teacher, as the reference) to `out`, load it
+    back into timm's ViT (and fastdino's for the reference layout) with strict=True, check that they compute the same
+    CLS features as the source network, and return a one-line description of what was written. With
+    `--format reference-run` the whole run is written, both networks: a key is refused."""
     if format not in FORMATS:
         raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {format!r}")
     check_out_suffix(Path(out), format)
     if format == "reference-run":
+        if checkpoint_key is not None:
+            raise UsageError(f"--checkpoint-key {checkpoint_key}: --format reference-run writes the whole run, teacher "
+                             "and student; leave the key out")
         return export_reference_run(source, out)
+    checkpoint_key = checkpoint_key or "teacher"
     source, out = Path(source), Path(out)
     weights = backbone_state_dict(load_checkpoint_file(source), checkpoint_key)
     shape = describe_backbone(weights)
@@ -140,8 +145,9 @@ def main(argv: Sequence[str] | None = None) -> str:
     parser.add_argument("--format", choices=FORMATS, default="reference",
                         help="key layout and the model it is checked against (default: reference); reference-run: "
                              "the whole training state as a main_dino.py checkpoint.pth, to resume in the reference")
-    parser.add_argument("--checkpoint-key", choices=("teacher", "student"), default="teacher",
-                        help="network to export from training checkpoints (default: teacher, as the reference)")
+    parser.add_argument("--checkpoint-key", choices=("teacher", "student"), default=None,
+                        help="network to export from training checkpoints (default: teacher, as the reference; not "
+                             "with --format reference-run, which writes both)")
     args = parser.parse_args(argv)
     line = export(args.checkpoint, args.out, args.format, args.checkpoint_key)
     print(line)

@@ -14,7 +14,7 @@ from fastdino.checkpoint import write_text_atomic
 from fastdino.config import Config, knn_requested_by
 from fastdino.eval.attention import held_out_examples, save_attention_comparison, save_attention_maps
 from fastdino.eval.knn import knn_accuracy
-from fastdino.eval.plots import plot_training_curves, read_jsonl
+from fastdino.eval.plots import read_jsonl, save_training_curves
 from fastdino.guard import HINTS, NAMES, replay
 from fastdino.metrics import add_to_row
 from fastdino.run_folder import CURVES, METRICS_LOG, PICTURES, RESULTS, TENSORBOARD
@@ -99,9 +99,12 @@ def final_report(config: Config, teacher_backbone: nn.Module, device: torch.devi
     run_dir = Path(config.output_dir)
     results: dict[str, float] = {}
     log_path = run_dir / METRICS_LOG
-    if log_path.is_file():
-        plot_training_curves(log_path, run_dir / CURVES, config.model.out_dim)
-    random_init = initial_backbone(config).to(device) if config.eval.final_knn or config.eval.attention_images else None
+    rows = read_jsonl(log_path) if log_path.is_file() else []
+    if rows:
+        save_training_curves(rows, run_dir / CURVES, config.model.out_dim, log_path)
+    # the random-init twin: the kNN's baseline, and the pictures' comparison of held-out images (a kNN's val folder)
+    twin = config.eval.final_knn or (config.eval.attention_images and knn_requested_by(config))
+    random_init = initial_backbone(config).to(device) if twin else None
     if config.eval.attention_images:
         _save_pictures(config, teacher_backbone, random_init, run_dir)
     if config.eval.final_knn:
@@ -111,7 +114,7 @@ def final_report(config: Config, teacher_backbone: nn.Module, device: torch.devi
         print(f"kNN top-1 (trained): {results['knn_top1_trained']:.2f}%")
         print(f"kNN top-1 (random init): {results['knn_top1_random_init']:.2f}%")
         if results["knn_top1_trained"] < results["knn_top1_random_init"]:
-            log.warning(below_random_init(config, results, read_jsonl(log_path) if log_path.is_file() else []))
+            log.warning(below_random_init(config, results, rows))
     return results
 
 

@@ -267,6 +267,7 @@ class Trainer:
         backward, per micro-batch (data.micro_batches), then clip, optimizer step, EMA. Returns the loss output of
         the whole batch (on device)."""
         config, scheduled = self.config, self.schedules.at(self.step)
+        self.last_scheduled = scheduled  # the log row of this step reads the same record
         for index, group in enumerate(self.optimizer.param_groups):
             group["lr"] = scheduled.lr
             if index == 0:
@@ -388,7 +389,7 @@ class Trainer:
 
     def _log_row(self, loss: float, images_per_second: float) -> dict[str, Any]:
         """The row of the step just trained: its loss and the values its schedule record gave it."""
-        scheduled = self.schedules.at(self.step - 1)
+        scheduled = self.last_scheduled
         return {
             "step": self.step,
             "epoch": scheduled.epoch,

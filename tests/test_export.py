@@ -228,3 +228,16 @@ def test_torch_hub_builds_and_loads_the_backbone(demo_like_run):
     random_init = torch.hub.load(str(REPO), "vit_small", patch_size=8, source="local")
     assert random_init.patch_embed.proj.weight.shape == (384, 3, 8, 8)
     assert torch.hub.load(str(REPO), "vit_small", source="local").patch_embed.patch_size == 16  # the reference's
+
+
+@pytest.mark.parametrize("key", ["teacher", "student"])
+def test_a_checkpoint_key_with_reference_run_is_refused_before_anything_is_written(demo_like_run, tmp_path, capsys,
+                                                                                    key):
+    run, _, _ = demo_like_run
+    out = tmp_path / "ref.pth"
+    with pytest.raises(SystemExit) as exit_code:
+        export_main([str(run / checkpoint.LATEST), "--out", str(out), "--format", "reference-run",
+                     "--checkpoint-key", key])
+    assert exit_code.value.code == 2 and not out.exists()
+    assert capsys.readouterr().err == (f"error: --checkpoint-key {key}: --format reference-run writes the whole run, "
+                                       "teacher and student; leave the key out\n")

@@ -44,7 +44,13 @@ def plot_training_curves(jsonl_path: str | os.PathLike, out_png: str | os.PathLi
     'knn_top1'). At least one row must hold 'loss'. `out_dim` (K): the entropy panel spans 0 (one-hot collapse) to
     ln K (uniform collapse), with a line at ln K.
     """
-    figure = training_curves_figure([row for row in read_jsonl(jsonl_path) if "step" in row], out_dim, jsonl_path)
+    return save_training_curves(read_jsonl(jsonl_path), out_png, out_dim, jsonl_path)
+
+
+def save_training_curves(rows: list[dict], out_png: str | os.PathLike, out_dim: int | None = None,
+                         source: str | os.PathLike = "the log") -> Path:
+    """`plot_training_curves` from rows already read (`source` names where they come from, for errors)."""
+    figure = training_curves_figure([row for row in rows if "step" in row], out_dim, source)
     out_png = Path(out_png)
     out_png.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(out_png, dpi=100)
