@@ -32,7 +32,7 @@ from fastdino.errors import UsageError
 from fastdino.models.vit import ARCHITECTURES
 
 # Wrapper prefixes stripped from the front of every key, in any order and number.
-_WRAPPER_PREFIXES = ("module.", "_orig_mod.", "backbone.")
+WRAPPERS = frozenset({"module", "_orig_mod"})  # the key components DDP and torch.compile add to a state dict
 # First key component of every backbone tensor of the reference ViT.
 _BACKBONE_ROOTS = frozenset({"cls_token", "pos_embed", "patch_embed", "blocks", "norm"})
 # First key component of projection-head tensors, current (`head`) and pre-release names; these are dropped.
@@ -64,14 +64,10 @@ def load_checkpoint_file(path: str | os.PathLike) -> Mapping:
     return content
 
 
-def _strip_wrapper_prefixes(key: str) -> str:
-    stripped = True
-    while stripped:
-        stripped = False
-        for prefix in _WRAPPER_PREFIXES:
-            if key.startswith(prefix):
-                key, stripped = key[len(prefix):], True
-    return key
+def canonical_name(key: str) -> str:
+    """A state-dict key without wrapper components: `module.head.mlp.0.weight` -> `head.mlp.0.weight` (the one rule
+    of every reader: backbones, reference runs, the linear probe's classifier)."""
+    return ".".join(part for part in key.split(".") if part not in WRAPPERS)
 
 
 def _describe_keys(keys: list[str], limit: int = 12) -> str:
@@ -109,7 +105,7 @@ def backbone_state_dict(checkpoint: Mapping, checkpoint_key: str = "teacher") ->
 
     backbone, unknown = {}, []
     for key, tensor in state_dict.items():
-        name = _strip_wrapper_prefixes(key)
+        name = canonical_name(key).removeprefix("backbone.")
         root = name.split(".", 1)[0]
         if root in _BACKBONE_ROOTS:
             if name in backbone:

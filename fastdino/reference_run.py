@@ -32,7 +32,7 @@ from fastdino.builders import precision_name
 from fastdino.config import Config, config_to_dict, get_value, set_value, validate
 from fastdino.rules import show
 from fastdino.errors import UsageError
-from fastdino.hub import load_checkpoint_file
+from fastdino.hub import canonical_name, load_checkpoint_file
 from fastdino.resume_policy import flatten, stored_settings
 
 log = logging.getLogger("fastdino")
@@ -57,8 +57,6 @@ REFERENCE_CONSTANTS = {
     "data.local_crop_size": 96, "dino.student_temp": 0.1, "dino.center_momentum": 0.9,
 }
 REQUIRED_KEYS = ("student", "teacher", "optimizer", "epoch", "args", "dino_loss")
-# Path components that wrappers insert (DDP, torch.compile); names without them are fastdino's state-dict names.
-_WRAPPERS = frozenset({"module", "_orig_mod"})
 # The registration order of every name component in the reference's ViT, head and their layers: sorting names by
 # it gives the order of main_dino.py's `named_parameters()` (weight_norm registers weight_g before weight_v).
 _LAYOUT = ("backbone", "head", "cls_token", "pos_embed", "patch_embed", "blocks", "norm1", "attn", "qkv", "proj",
@@ -85,11 +83,6 @@ class ReferenceRun:
 
 
 # ------------------------------------------------------------------------------------------------ names and order
-def canonical_name(key: str) -> str:
-    """A state-dict key without wrapper components: `module.head.mlp.0.weight` -> `head.mlp.0.weight`."""
-    return ".".join(part for part in key.split(".") if part not in _WRAPPERS)
-
-
 def reference_order(name: str) -> tuple[int, ...]:
     """Sort key: where `name` (canonical) comes in main_dino.py's `named_parameters()` / `state_dict()`."""
     try:

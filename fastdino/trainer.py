@@ -45,7 +45,7 @@ from fastdino.guard import Guard, GuardStop
 from fastdino.kernels import DinoLossOutput
 from fastdino.loss import DINOLoss, mean_output
 from fastdino.memory_plan import resolve_memory
-from fastdino.hub import backbone_state_dict
+from fastdino.hub import backbone_state_dict, canonical_name
 from fastdino.metrics import MetricsLogger
 from fastdino.optim import (
     build_optimizer,
@@ -181,7 +181,7 @@ class Trainer:
         zero-gradient step of every parameter: a parameter the checkpoint holds no moments for (the last layer while
         frozen) would keep that state and count a step it never took once it trains."""
         for name, param in self.student.named_parameters():
-            if reference_run.canonical_name(name) not in saved:
+            if canonical_name(name) not in saved:
                 self.optimizer.state.pop(param, None)
 
     def resume(self, path: Path) -> None:

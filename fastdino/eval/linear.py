@@ -49,6 +49,7 @@ from fastdino.data.torch_loader import SeededSamples
 from fastdino.distributed import init_distributed, print_on_rank0, rank_and_world_size, shutdown_distributed, unwrap
 from fastdino.errors import UsageError, report_usage_errors
 from fastdino.eval.knn import EVAL_WORKERS, backbone_option_rules, eval_transform
+from fastdino.hub import canonical_name
 
 # Per step: (this process's features [b, F], labels [b], size of the global batch they belong to); b may be 0.
 TrainBatches = Callable[[int], Iterable[tuple[torch.Tensor, torch.Tensor, int]]]
@@ -327,7 +328,7 @@ def load_linear_weights(source: str | os.PathLike, in_features: int, num_classes
     saved = checkpoint_io.load(path)
     state = (saved.get("best_state_dict") or saved.get("state_dict") or saved) if isinstance(saved, dict) else {}
     state = state if isinstance(state, Mapping) else {}
-    weights = {key.removeprefix("module.").removeprefix("linear."): value for key, value in state.items()}
+    weights = {canonical_name(key).removeprefix("linear."): value for key, value in state.items()}
     shapes = {key: tuple(value.shape) for key, value in weights.items() if isinstance(value, torch.Tensor)}
     expected = {"weight": (num_classes, in_features), "bias": (num_classes,)}
     if shapes != expected or len(weights) != 2:
