@@ -164,11 +164,14 @@ def knn_classify(train_features: torch.Tensor, train_labels: torch.Tensor, test_
     return {"top1": 100.0 * correct_top1.item() / num_test, "top5": top5}
 
 
-def _labelled_folders(train_dir: str | os.PathLike, val_dir: str | os.PathLike, transform):
-    train_set = ImageFolderDataset(train_dir, transform)
-    val_set = ImageFolderDataset(val_dir, transform)
+def labelled_folders(train_dir: str | os.PathLike, val_dir: str | os.PathLike, train_transform,
+                     val_transform=None) -> tuple[ImageFolderDataset, ImageFolderDataset]:
+    """The train and val class-folder datasets of an evaluation (kNN, linear probe), with the same classes in both
+    (val_transform: train_transform's when None); DatasetError (one line) otherwise."""
+    train_set = ImageFolderDataset(train_dir, train_transform)
+    val_set = ImageFolderDataset(val_dir, val_transform or train_transform)
     if not train_set.classes:
-        raise DatasetError(f"{train_dir} is a flat folder of images; kNN evaluation needs class sub-folders")
+        raise DatasetError(f"{train_dir} is a flat folder of images; an evaluation needs class sub-folders")
     if train_set.classes != val_set.classes:
         raise DatasetError(f"train and val class folders differ: {len(train_set.classes)} classes in {train_dir}, "
                          f"{len(val_set.classes)} in {val_dir}; labels would not correspond")
@@ -181,7 +184,7 @@ def knn_accuracy(backbone: nn.Module, train_dir: str | os.PathLike, val_dir: str
     """kNN top-1/top-5 (%) of `backbone` on two class-folder datasets with the same classes (the periodic eval of
     training: point it at a held-out subset). Collective when torch.distributed is initialized: call on every rank;
     collective=False runs it in this process alone (see `extract_dataset_features`)."""
-    train_set, val_set = _labelled_folders(train_dir, val_dir, eval_transform(image_size))
+    train_set, val_set = labelled_folders(train_dir, val_dir, eval_transform(image_size))
     train_features, train_labels = extract_dataset_features(backbone, train_set, device, batch_size, num_workers, amp,
                                                             collective)
     val_features, val_labels = extract_dataset_features(backbone, val_set, device, batch_size, num_workers, amp,
@@ -259,7 +262,7 @@ def main(argv: Sequence[str] | None = None) -> dict[int, dict[str, float | None]
 
     device = init_distributed(args.device).device
     backbone = backbone_from_arguments(args, whole_patches=True).to(device)
-    train_set, val_set = _labelled_folders(args.train_dir, args.val_dir, eval_transform(args.image_size))
+    train_set, val_set = labelled_folders(args.train_dir, args.val_dir, eval_transform(args.image_size))
     print_on_rank0(f"{len(train_set)} train and {len(val_set)} val images, {len(train_set.classes)} classes")
     train_features, train_labels = _cached_dataset_features(backbone, train_set, args, device, args.train_dir)
     val_features, val_labels = _cached_dataset_features(backbone, val_set, args, device, args.val_dir)

@@ -48,7 +48,7 @@ from fastdino.data import IMAGENET_MEAN, IMAGENET_STD, ImageFolderDataset, epoch
 from fastdino.data.torch_loader import SeededSamples
 from fastdino.distributed import init_distributed, print_on_rank0, rank_and_world_size, shutdown_distributed, unwrap
 from fastdino.errors import UsageError, report_usage_errors
-from fastdino.eval.knn import EVAL_WORKERS, backbone_option_rules, eval_transform
+from fastdino.eval.knn import EVAL_WORKERS, backbone_option_rules, eval_transform, labelled_folders
 from fastdino.hub import canonical_name
 
 # Per step: (this process's features [b, F], labels [b], size of the global batch they belong to); b may be 0.
@@ -276,15 +276,6 @@ def _progress_writer(output_dir: Path | None, settings: dict[str, Any]) -> Calla
     return write
 
 
-def _labelled_pair(train_dir: str | os.PathLike, val_dir: str | os.PathLike,
-                   image_size: int) -> tuple[ImageFolderDataset, ImageFolderDataset]:
-    train_set = ImageFolderDataset(train_dir, train_transform(image_size))
-    val_set = ImageFolderDataset(val_dir, eval_transform(image_size))
-    if not train_set.classes or train_set.classes != val_set.classes:
-        raise UsageError(f"{train_dir} and {val_dir} must hold the same class sub-folders")
-    return train_set, val_set
-
-
 def linear_probe(backbone: nn.Module, train_dir: str | os.PathLike, val_dir: str | os.PathLike, image_size: int,
                  device: torch.device | str, n_last_blocks: int = 4, avgpool: bool = False, epochs: int = 100,
                  batch_size: int = 128, base_lr: float = 0.001, num_workers: int = 8, amp: bool = False,
@@ -297,7 +288,7 @@ def linear_probe(backbone: nn.Module, train_dir: str | os.PathLike, val_dir: str
     continues from it (`stop_after_epochs`: see train_linear_classifier).
     """
     device = torch.device(device)
-    train_set, val_set = _labelled_pair(train_dir, val_dir, image_size)
+    train_set, val_set = labelled_folders(train_dir, val_dir, train_transform(image_size), eval_transform(image_size))
     features = FrozenFeatures(backbone.eval().requires_grad_(False).to(device), device, n_last_blocks, avgpool, amp)
     world_size = rank_and_world_size()[1]
     lr = base_lr * batch_size * world_size / 256
