@@ -100,12 +100,12 @@ def _check_xformers(device: torch.device) -> None:
 
 def check_data(config: Config) -> None:
     """data.path holds at least one global batch of images; the kNN folders hold images when a kNN is asked for.
-    Then says how many images are used, and which loose ones are not."""
+    Then names the images lying loose beside class folders, which are not used (the start-up lines count the
+    used ones)."""
     data = config.data
     if not data.path:
         raise ConfigError("data.path is not set: pass data.path=/path/to/images")
-    samples = _images("data.path", data.path)
-    count = len(samples)
+    count = len(_images("data.path", data.path))
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     needed = data.batch_size_per_gpu * world_size
     if needed > count:
@@ -118,20 +118,12 @@ def check_data(config: Config) -> None:
         if config.eval.knn_k > train_count:
             raise ConfigError(f"eval.knn_k={config.eval.knn_k}: must be <= the {train_count} images of "
                               f"eval.knn_train_path={config.eval.knn_train_path}")
-    if is_first_process():  # after every check: a refused setting stays one line
-        _say_what_is_used(data.path, count, len({label for _, label in samples if label >= 0}))
-
-
-def _say_what_is_used(path: str, count: int, classes: int) -> None:
-    """The dataset line of the start ("1,234 images in 10 class folders"), and the loose images it leaves out."""
-    log.info("data.path=%s: %s images%s", path, f"{count:,}",
-             f" in {classes:,} class folders" if classes else " (a flat folder)")
-    loose = ignored_loose_images(path)
-    if loose:
+    loose = ignored_loose_images(data.path)
+    if loose and is_first_process():  # after every check: a refused setting stays one line
         log.warning("data.path=%s: %s image%s directly in it (%s%s) %s not used: beside class folders, only the "
-                    "images inside them count; move them into a folder to train on them", path, f"{len(loose):,}",
-                    "s" if len(loose) > 1 else "", ", ".join(loose[:3]), ", ..." if len(loose) > 3 else "",
-                    "are" if len(loose) > 1 else "is")
+                    "images inside them count; move them into a folder to train on them", data.path,
+                    f"{len(loose):,}", "s" if len(loose) > 1 else "", ", ".join(loose[:3]),
+                    ", ..." if len(loose) > 3 else "", "are" if len(loose) > 1 else "is")
 
 
 def _images(key: str, path: str) -> list[tuple[str, int]]:

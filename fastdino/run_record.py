@@ -103,6 +103,7 @@ def describe(trainer: Any, started_from: str) -> dict[str, Any]:
                                     head_dim),
         "fast_paths": dict(fast.reasons),
         "images": trainer.loader.num_images,
+        "classes": trainer.loader.num_classes,
         "steps_per_epoch": len(trainer.loader),
         "total_steps": trainer.schedules.total_steps,
         "total_batch": total_batch,
@@ -117,7 +118,7 @@ def describe(trainer: Any, started_from: str) -> dict[str, Any]:
 def startup_lines(record: dict[str, Any]) -> list[str]:
     """What this run is made of, said once at its start: where and how it computes, and for each fast path whether
     it is on and why (so a slow run shows at once which path `auto` left off)."""
-    env, world = record["environment"], record["world_size"]
+    env, world, classes = record["environment"], record["world_size"], record["classes"]
     processes = f"{world} process{'es' if world > 1 else ''}"
     memory = f", {env['device_memory_gib']} GiB" if env["device_memory_gib"] else ""
     lines = [
@@ -125,7 +126,8 @@ def startup_lines(record: dict[str, Any]) -> list[str]:
         f"torch {env['versions']['torch']}",
         f"running on {env['device']}{memory}, precision {record['precision']}, strategy {record['strategy']} "
         f"over {processes}",
-        f"{record['images']:,} images, {record['steps_per_epoch']:,} steps per epoch of {record['total_batch']:,} "
+        f"{record['images']:,} images{f' in {classes:,} class folders' if classes else ''}, "
+        f"{record['steps_per_epoch']:,} steps per epoch of {record['total_batch']:,} "
         f"images ({record['total_steps']:,} steps in all), lr {record['effective_lr']:.3g} at this total batch, "
         f"{record['student_parameters']:,} student parameters",
         f"{record['total_batch'] // record['world_size']} images a process as {record['micro_batches']} micro-batch"

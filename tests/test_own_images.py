@@ -6,10 +6,12 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import tiny_config
 from PIL import Image
 
 from fastdino.config import ConfigError, load_config
 from fastdino.preflight import check_data, unnamed_knn_data
+from fastdino.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -28,23 +30,29 @@ def mixed(tmp_path):
     return tmp_path / "mixed"
 
 
-def test_the_start_counts_the_images_used_and_names_the_loose_ones_left_out(mixed, caplog):
+def test_the_start_counts_the_images_used_and_names_the_loose_ones_left_out(mixed, tmp_path, caplog):
     with caplog.at_level(logging.INFO, logger="fastdino"):
         check_data(load_config(None, [f"data.path={mixed}", "data.batch_size_per_gpu=3"]))
     lines = [(record.levelname, record.getMessage()) for record in caplog.records]
     assert lines == [
-        ("INFO", f"data.path={mixed}: 3 images in 2 class folders"),
         ("WARNING", f"data.path={mixed}: 2 images directly in it (loose1.jpg, loose2.png) are not used: beside class "
                     "folders, only the images inside them count; move them into a folder to train on them")]
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="fastdino"):
+        Trainer(tiny_config(mixed, tmp_path / "run", "data.batch_size_per_gpu=3"))
+    assert any(record.getMessage().startswith("3 images in 2 class folders, 1 steps per epoch of 3 images")
+               for record in caplog.records)
 
 
-def test_a_flat_folder_uses_every_image_and_warns_of_nothing(mixed, caplog):
+def test_a_flat_folder_uses_every_image_and_warns_of_nothing(mixed, tmp_path, caplog):
     flat = mixed.parent / "flat"
     for index in range(3):
         _image(flat / f"{index}.jpg")
     with caplog.at_level(logging.INFO, logger="fastdino"):
         check_data(load_config(None, [f"data.path={flat}", "data.batch_size_per_gpu=3"]))
-    assert [record.getMessage() for record in caplog.records] == [f"data.path={flat}: 3 images (a flat folder)"]
+        assert caplog.records == []
+        Trainer(tiny_config(flat, tmp_path / "run", "data.batch_size_per_gpu=3"))
+    assert any(record.getMessage().startswith("3 images, 1 steps per epoch") for record in caplog.records)
 
 
 def test_a_missing_relative_path_names_the_working_directory(tmp_path, monkeypatch):

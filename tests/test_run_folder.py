@@ -179,7 +179,7 @@ def test_the_run_folder_records_what_ran(images, tmp_path):
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
     expected = {
         "written_by": "fastdino", "started_from": "a fresh run", "world_size": 1, "strategy": "none",
-        "precision": "fp32", "images": 8, "steps_per_epoch": 2, "total_steps": 4, "total_batch": 4,
+        "precision": "fp32", "images": 8, "classes": 2, "steps_per_epoch": 2, "total_steps": 4, "total_batch": 4,
         "effective_lr": 0.0008 * 4 / 256,
         "student_parameters": sum(param.numel() for param in trainer.student.parameters()),
         "attention": "one forward per crop size, math attention",
@@ -191,6 +191,7 @@ def test_the_run_folder_records_what_ran(images, tmp_path):
     assert environment["device"].startswith("cpu-") and environment["device_memory_gib"] > 0
     assert record["fast_paths"]["fused_loss"] == "off (auto: needs CUDA)"
     log_lines = (tmp_path / "run" / run_folder.RUN_LOG).read_text()
-    for needle in ("a fresh run; fastdino", "8 images, 2 steps per epoch of 4 images (4 steps in all), lr 1.25e-05",
+    for needle in ("a fresh run; fastdino", "8 images in 2 class folders, 2 steps per epoch of 4 images (4 steps in all), "
+                   "lr 1.25e-05",
                    "attention: one forward per crop size, math attention; fast paths:", "fused_loss: off"):
         assert needle in log_lines

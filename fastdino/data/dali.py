@@ -276,6 +276,7 @@ class DaliMultiCropLoader:
             self.samples, self.num_rejected = decodable_samples(source, scan_cache, who="DALI loader")
             num_samples = len(self.samples)
         self.num_images = num_samples
+        self.num_classes = None if self.samples is None else len({label for _, label in self.samples if label >= 0})
         if drop_last and num_samples < batch_size * world_size:
             raise ValueError(f"the dataset has {num_samples} usable images, fewer than one global batch "
                              f"(batch_size {batch_size} x world_size {world_size}); use a smaller batch size")

@@ -156,6 +156,7 @@ class GpuDecodeMultiCropLoader:
         self._failed_files: set[str] = set()
         self.samples, self.num_rejected = decodable_samples(source, scan_cache, self.num_threads, "GPU-decode loader")
         self.num_images = len(self.samples)
+        self.num_classes = len({label for _, label in self.samples if label >= 0})
         if drop_last and len(self.samples) < batch_size * world_size:
             raise ValueError(f"the dataset has {len(self.samples)} usable images, fewer than one global batch "
                              f"(batch_size {batch_size} x world_size {world_size}); use a smaller batch size")

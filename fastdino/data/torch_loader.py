@@ -135,6 +135,7 @@ class MultiCropLoader:
         self.dataset, self.batch_size, self.seed = dataset, batch_size, seed
         self.rank, self.world_size, self.drop_last = rank, world_size, drop_last
         num_samples = self.num_images = len(dataset)
+        self.num_classes = len(getattr(dataset, "classes", ()))
         if drop_last and num_samples < batch_size * world_size:
             raise ValueError(f"the dataset has {num_samples} images, fewer than one global batch "
                              f"(batch_size {batch_size} x world_size {world_size}); use a smaller batch size")
