@@ -15,11 +15,11 @@ import pytest
 import torch
 
 pytest.importorskip("nvidia.dali", reason="nvidia.dali cannot be imported (install nvidia-dali-cuda130)")
+from crop_statistics import pixels, save  # noqa: E402
 from PIL import Image  # noqa: E402
 from scipy.stats import ks_2samp, kstest  # noqa: E402
 from torchvision.transforms import RandomResizedCrop  # noqa: E402
 
-from fastdino.data import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 from fastdino.data.dali import (DaliMultiCropLoader, WebDatasetShards, make_webdataset_index,  # noqa: E402
                                 scan_image_files)
 from fastdino.data.datasets import DatasetError  # noqa: E402
@@ -29,18 +29,6 @@ from fastdino.data.torch_loader import epoch_batches  # noqa: E402
 NO_EFFECTS = dict(flip_p=0.0, jitter_p=0.0, grayscale_p=0.0, blur_p=(0.0, 0.0, 0.0), solarize_p=(0.0, 0.0, 0.0))
 TINY = dict(local_crops_number=2, global_crop_size=16, local_crop_size=8)
 SMALL = MultiCropRecipe(local_crops_number=1, global_crop_size=16, local_crop_size=8)
-
-
-def _save(array: np.ndarray, path, **options) -> str:
-    Image.fromarray(array.astype(np.uint8)).save(path, **options)
-    return str(path)
-
-
-def _pixels(crop: torch.Tensor) -> torch.Tensor:
-    """Normalized crops [B, 3, H, W] back to 0..255 floats."""
-    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
-    return (crop.float() * std + mean) * 255.0
 
 
 def _run(path: str, recipe: MultiCropRecipe, count: int = 256, batch_size: int = 64, epoch: int = 0):
@@ -74,7 +62,7 @@ def folder(tmp_path_factory):
         for i in range(12):
             small = rng.integers(0, 256, (6, 8, 3)).astype(np.uint8)
             big = np.asarray(Image.fromarray(small).resize((80, 60), Image.BILINEAR))
-            _save(big, root / f"class{label}" / f"{i}.jpg", quality=90)
+            save(big, root / f"class{label}" / f"{i}.jpg", quality=90)
     return root
 
 
@@ -95,7 +83,7 @@ def test_shapes_dtypes_and_count(folder, dtype):
 @pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-4), (torch.float16, 2e-3)])
 def test_normalization_of_a_constant_colour(tmp_path, dtype, tolerance):
     colour = np.array([200.0, 60.0, 120.0])
-    path = _save(np.broadcast_to(colour, (40, 50, 3)), tmp_path / "flat.png")
+    path = save(np.broadcast_to(colour, (40, 50, 3)), tmp_path / "flat.png")
     recipe = MultiCropRecipe(**TINY, **{**NO_EFFECTS, "flip_p": 0.5, "blur_p": (1.0, 0.5, 0.5)})
     loader = DaliMultiCropLoader([(path, 0)] * 8, 8, recipe=recipe, dtype=dtype, num_threads=2)
     crops, _ = next(loader.epoch_iter(0))
@@ -108,7 +96,7 @@ def test_normalization_of_a_constant_colour(tmp_path, dtype, tolerance):
 @pytest.mark.parametrize("world_size", [1, 2, 3])
 @pytest.mark.parametrize("drop_last", [True, False])
 def test_sharding_covers_every_file_once_per_epoch(tmp_path, world_size, drop_last):
-    path = _save(np.full((20, 20, 3), 90), tmp_path / "img.png")
+    path = save(np.full((20, 20, 3), 90), tmp_path / "img.png")
     count = 24 if drop_last else 26  # 24: a multiple of every world_size * batch_size
     recipe = MultiCropRecipe(**TINY, **NO_EFFECTS)
     seen = []
@@ -143,7 +131,7 @@ def test_deterministic_by_seed_and_resumable(folder):
 
 def test_crop_windows_match_torchvision_random_resized_crop(tmp_path):
     height, width = 200, 300
-    path = _save(np.zeros((height, width, 3)), tmp_path / "black.png")
+    path = save(np.zeros((height, width, 3)), tmp_path / "black.png")
     recipe = MultiCropRecipe(**TINY, **NO_EFFECTS)
     _, params = _run(path, recipe, count=256)
     torch.manual_seed(0)
@@ -168,11 +156,11 @@ def test_flip_rate_and_crop_content_follow_the_window(tmp_path):
     height, width = 60, 256
     ramp = np.broadcast_to(np.arange(width, dtype=np.float64)[None, :, None], (height, width, 3)).copy()
     ramp[..., 1:] = 128
-    path = _save(ramp, tmp_path / "ramp.png")
+    path = save(ramp, tmp_path / "ramp.png")
     recipe = MultiCropRecipe(**TINY, **{**NO_EFFECTS, "flip_p": 0.5})
     slots, params = _run(path, recipe)
     for slot, (crops, p) in enumerate(zip(slots, params)):
-        red = _pixels(crops)[:, 0]
+        red = pixels(crops)[:, 0]
         slope = red[:, :, -1].mean(1) - red[:, :, 0].mean(1)
         flipped = slope < 0
         assert torch.equal(flipped.long(), p["flip"]), f"slot {slot}: image flips disagree with the drawn flags"
@@ -182,11 +170,11 @@ def test_flip_rate_and_crop_content_follow_the_window(tmp_path):
 
 
 def test_grayscale_and_solarize_rates_per_slot(tmp_path):
-    path = _save(np.broadcast_to(np.array([200.0, 150.0, 170.0]), (30, 30, 3)), tmp_path / "colour.png")
+    path = save(np.broadcast_to(np.array([200.0, 150.0, 170.0]), (30, 30, 3)), tmp_path / "colour.png")
     recipe = MultiCropRecipe(**TINY, **{**NO_EFFECTS, "grayscale_p": 0.2, "solarize_p": (0.0, 0.2, 0.0)})
     slots, _ = _run(path, recipe)
     for slot, crops in enumerate(slots):
-        pixels = _pixels(crops).mean((2, 3))  # constant crops: one colour each
+        pixels = pixels(crops).mean((2, 3))  # constant crops: one colour each
         gray = (pixels.max(1).values - pixels.min(1).values) < 3.0  # uint8 rounding per channel
         solarized = pixels.max(1).values < 128  # every channel >= 128 before, so < 128 after inversion
         _assert_rate(gray, 0.2, f"grayscale slot {slot}")
@@ -201,14 +189,14 @@ def test_grayscale_and_solarize_rates_per_slot(tmp_path):
 def test_blur_rates_per_slot_and_sigma_range(tmp_path):
     size = 16
     checker = (np.indices((size, size)).sum(0) % 2 * 255)[..., None].repeat(3, axis=2)
-    path = _save(checker, tmp_path / "checker.png")
+    path = save(checker, tmp_path / "checker.png")
     # whole image, same size: no resampling, so any change is the blur; sigma >= 1 makes every blur visible
     recipe = MultiCropRecipe(**{**TINY, "global_crop_size": size, "local_crop_size": size},
                              **{**NO_EFFECTS, "global_crops_scale": (1.0, 1.0), "local_crops_scale": (1.0, 1.0),
                                 "blur_p": (1.0, 0.1, 0.5), "blur_sigma": (1.0, 2.0)})
     slots, params = _run(path, recipe)
     for slot, crops in enumerate(slots):
-        contrast = _pixels(crops).std(dim=(1, 2, 3))
+        contrast = pixels(crops).std(dim=(1, 2, 3))
         blurred = contrast < 64  # the checkerboard's std is 127.5; sigma >= 1 leaves < 20
         _assert_rate(blurred, recipe.blur_p[min(slot, 2)], f"blur slot {slot}")
         assert torch.equal(blurred, params[slot]["blur_sigma"] > 0)
@@ -223,12 +211,12 @@ def test_colour_jitter_ranges(tmp_path, factor):
     """Each jitter alone at p 1 on a two-colour image; the measured factor spans its torchvision range."""
     colours = np.array([[90.0, 110.0, 140.0], [150.0, 130.0, 100.0]])
     image = np.concatenate([np.broadcast_to(colours[0], (32, 16, 3)), np.broadcast_to(colours[1], (32, 16, 3))], 1)
-    path = _save(image, tmp_path / "two.png")
+    path = save(image, tmp_path / "two.png")
     strengths = dict(brightness=0.0, contrast=0.0, saturation=0.0, hue=0.0)
     strengths[factor] = dict(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)[factor]
     recipe = MultiCropRecipe(**{**TINY, "global_crop_size": 32}, **{**NO_EFFECTS, "jitter_p": 1.0}, **strengths,
                              global_crops_scale=(1.0, 1.0))
-    crops = _pixels(_run(path, recipe, count=128)[0][0])  # first global crop = whole image
+    crops = pixels(_run(path, recipe, count=128)[0][0])  # first global crop = whole image
     left, right = crops[:, :, 8:24, 2:12].mean((2, 3)), crops[:, :, 8:24, 20:30].mean((2, 3))
     luma = torch.tensor([0.299, 0.587, 0.114])
     in_left, in_right = torch.tensor(colours[0]).float(), torch.tensor(colours[1]).float()
@@ -260,7 +248,7 @@ def test_colour_jitter_ranges(tmp_path, factor):
 def test_bad_files_are_left_out_with_one_warning(tmp_path, caplog):
     rng = np.random.default_rng(1)
     smooth = np.asarray(Image.fromarray(rng.integers(0, 256, (4, 4, 3)).astype(np.uint8)).resize((40, 30)))
-    good = _save(smooth, tmp_path / "good.jpg", quality=90)
+    good = save(smooth, tmp_path / "good.jpg", quality=90)
     raw = open(good, "rb").read()
     (tmp_path / "truncated.jpg").write_bytes(raw[: len(raw) // 2])
     (tmp_path / "text.jpg").write_text("not an image\n")
@@ -284,7 +272,7 @@ def test_bad_files_are_left_out_with_one_warning(tmp_path, caplog):
 
 
 def test_scan_cache_is_reused_until_the_file_changes(tmp_path):
-    path = _save(np.zeros((8, 8, 3)), tmp_path / "a.jpg")
+    path = save(np.zeros((8, 8, 3)), tmp_path / "a.jpg")
     cache = tmp_path / "scan.json"
     assert scan_image_files([path], cache) == {}
     entries = json.loads(cache.read_text())

@@ -11,7 +11,6 @@ same distribution on real photos, and draws that belong to the sample.
   sample, not on its batch, its rank or where the epoch started.
 """
 import math
-import os
 
 import numpy as np
 import pytest
@@ -19,13 +18,13 @@ import torch
 
 pytest.importorskip("nvidia.dali", reason="nvidia.dali cannot be imported (install nvidia-dali-cuda130)")
 import torchvision.transforms.functional as F  # noqa: E402
+from crop_statistics import (STATISTICS_CROPS, assert_same_distribution, loader_run, save,  # noqa: E402
+                             statistics, uint8_crops, write_photo_folder)
 from nvidia.dali import fn, pipeline_def  # noqa: E402
 from PIL import Image, ImageFilter  # noqa: E402
-from scipy.stats import ks_2samp  # noqa: E402
-from test_dali import NO_EFFECTS, _pixels, _save  # noqa: E402
-from torchvision import transforms  # noqa: E402
+from test_dali import NO_EFFECTS  # noqa: E402
 
-from fastdino.data import DataAugmentationDINO, ImageFolderDataset, MultiCropLoader, sample_seed  # noqa: E402
+from fastdino.data import sample_seed  # noqa: E402
 from fastdino.data import dali_pipeline  # noqa: E402
 from fastdino.data.dali import DaliMultiCropLoader  # noqa: E402
 from fastdino.data.dali_draws import draw_augmentations  # noqa: E402
@@ -35,13 +34,6 @@ from fastdino.data.recipe import HUE, MultiCropRecipe  # noqa: E402
 NATIVE = 32  # photo side for the exact tests: crops of the whole photo at this size need no resampling
 WHOLE_PHOTO = dict(global_crops_scale=(1.0, 1.0), local_crops_scale=(1.0, 1.0), global_crop_size=NATIVE,
                    local_crop_size=NATIVE)
-STATISTICS_CROPS = dict(global_crop_size=32, local_crop_size=16, local_crops_number=8)
-PHOTO_SIDE, COPIES = 96, 100  # distribution test: 4 photos x 100 copies, 10 crops each
-
-
-def _uint8(crops: torch.Tensor) -> np.ndarray:
-    """Normalized crops [B, 3, S, S] back to the uint8 pixels they were made from, [B, S, S, 3]."""
-    return _pixels(crops.cpu()).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 
 def _run_graph(graph, *batches: np.ndarray) -> list[np.ndarray]:
@@ -61,7 +53,7 @@ def _run_graph(graph, *batches: np.ndarray) -> list[np.ndarray]:
 def native_photos(tmp_path_factory) -> list[str]:
     """The four bundled photos at NATIVE x NATIVE (PNG: both decoders see the same pixels)."""
     root = tmp_path_factory.mktemp("native")
-    return [_save(np.asarray(image.resize((NATIVE, NATIVE), Image.LANCZOS)), root / f"{name}.png")
+    return [save(np.asarray(image.resize((NATIVE, NATIVE), Image.LANCZOS)), root / f"{name}.png")
             for name, image in demo_attention_images()]
 
 
@@ -70,7 +62,7 @@ def _dali_crops(samples: list[tuple[str, int]], recipe: MultiCropRecipe, seed: i
     loader = DaliMultiCropLoader(samples, 64, seed=seed, recipe=recipe, drop_last=False, num_threads=2, device=device)
     crops, labels, params = [], [], []
     for batch_crops, batch_labels, batch_params in loader.epoch_iter_with_params(0):
-        crops.append(np.stack([_uint8(crop) for crop in batch_crops], axis=1))
+        crops.append(np.stack([uint8_crops(crop) for crop in batch_crops], axis=1))
         labels.append(batch_labels.numpy())
         params.append({key: torch.stack([slot[key] for slot in batch_params], 1).cpu().numpy()
                        for key in batch_params[0]})
@@ -99,7 +91,7 @@ def test_grayscale_hue_and_solarize_equal_pil_on_every_colour():
 
 
 def test_blur_equals_pil_gaussian_blur_at_each_drawn_sigma(native_photos, tmp_path):
-    noise = _save(np.random.default_rng(0).integers(0, 256, (NATIVE, NATIVE, 3)), tmp_path / "noise.png")
+    noise = save(np.random.default_rng(0).integers(0, 256, (NATIVE, NATIVE, 3)), tmp_path / "noise.png")
     paths = native_photos + [noise]
     recipe = MultiCropRecipe(local_crops_number=2, **WHOLE_PHOTO, **{**NO_EFFECTS, "blur_p": (1.0, 1.0, 1.0)})
     crops, labels, params = _dali_crops([(paths[i % len(paths)], i) for i in range(40)], recipe, seed=4)
@@ -162,7 +154,7 @@ def _reference_window(height: int, width: int, area, log_ratio, offset, ratio=(3
 
 @pytest.mark.parametrize("height,width", [(60, 80), (24, 240)])  # 24 x 240: no global attempt fits, fallback
 def test_crop_windows_follow_random_resized_crop_on_the_draws(tmp_path, height, width):
-    path = _save(np.zeros((height, width, 3)), tmp_path / "black.png")
+    path = save(np.zeros((height, width, 3)), tmp_path / "black.png")
     recipe = MultiCropRecipe(local_crops_number=2, global_crop_size=8, local_crop_size=8, **NO_EFFECTS)
     _, labels, params = _dali_crops([(path, i) for i in range(64)], recipe, seed=6)
     draws = draw_augmentations(recipe, [sample_seed(6, 0, int(label)) for label in labels])
@@ -195,84 +187,16 @@ def test_a_samples_crops_do_not_depend_on_batch_rank_or_start(native_photos):
 
 @pytest.fixture(scope="module")
 def photo_folder(tmp_path_factory):
-    """The four bundled photos, longer side PHOTO_SIDE, COPIES hard links of each in its own class folder."""
-    root = tmp_path_factory.mktemp("photos")
-    for name, image in demo_attention_images():
-        scale = PHOTO_SIDE / max(image.size)
-        folder = root / name
-        folder.mkdir()
-        first = _save(np.asarray(image.resize((round(image.width * scale), round(image.height * scale)),
-                                              Image.LANCZOS)), folder / "0000.png")
-        for copy in range(1, COPIES):
-            os.link(first, folder / f"{copy:04d}.png")
-    return root
-
-
-def _crop_statistics(crops: np.ndarray) -> dict[str, np.ndarray]:
-    """Per-crop mean, std, dominant hue (circular mean of PIL's HSV hue weighted by saturation, radians), mean
-    saturation and sharpness (mean |Laplacian| of the luma) of uint8 crops [N, S, S, 3]."""
-    values = crops.astype(np.float64)
-    count, size = crops.shape[:2]
-    hsv = np.asarray(Image.fromarray(crops.reshape(count * size, size, 3)).convert("HSV"), dtype=np.float64)
-    hsv = hsv.reshape(crops.shape)
-    angle = hsv[..., 0] * (2 * math.pi / 256)
-    weight = hsv[..., 1]
-    luma = values @ np.array([0.299, 0.587, 0.114])
-    laplacian = (4 * luma[:, 1:-1, 1:-1] - luma[:, :-2, 1:-1] - luma[:, 2:, 1:-1] - luma[:, 1:-1, :-2]
-                 - luma[:, 1:-1, 2:])
-    return {"mean": values.mean((1, 2, 3)), "std": values.std((1, 2, 3)),
-            "hue": np.arctan2((np.sin(angle) * weight).sum((1, 2)), (np.cos(angle) * weight).sum((1, 2))),
-            "saturation": hsv[..., 1].mean((1, 2)), "sharpness": np.abs(laplacian).mean((1, 2))}
-
-
-def _statistics(run: tuple[list[np.ndarray], list[np.ndarray], np.ndarray]) -> dict:
-    """{slot group: {statistic: values}} of one run (crops, plain crops, windows, photo areas; see the runs).
-
-    The per-crop statistics of the crops, then how far each moved from the plain crop of the same window (the
-    pipeline's own resized crop with no other effect: the photos' content cancels and the augmentation shows), and
-    the window's area fraction and log aspect ratio.
-    """
-    crops, plain, windows = run
-    out = {}
-    for group, slots in (("global 0", [0]), ("global 1", [1]), ("local", range(2, len(crops)))):
-        augmented = _crop_statistics(np.concatenate([crops[slot] for slot in slots]))
-        reference = _crop_statistics(np.concatenate([plain[slot] for slot in slots]))
-        moved = {f"{name} change": augmented[name] - reference[name] for name in augmented}
-        moved["hue change"] = np.angle(np.exp(1j * moved["hue change"]))  # wrapped into (-pi, pi]
-        h, w, area = np.concatenate([windows[:, slot] for slot in slots]).T.astype(np.float64)
-        out[group] = {**augmented, **moved, "area": h * w / area, "aspect": np.log(w / h)}
-    return out
-
-
-def _torchvision_run(folder, seed: int, monkeypatch) -> tuple[list[np.ndarray], list[np.ndarray], np.ndarray]:
-    """Epoch 0 of the torchvision loader: crops per slot [N, S, S, 3], the plain crops of their windows (PIL's
-    bicubic resized crop, what RandomResizedCrop gives) and windows [N, slots, (h, w, photo area)]."""
-    windows = []
-    get_params = transforms.RandomResizedCrop.get_params
-
-    def recording(image, scale, ratio):
-        windows.append((image, *get_params(image, scale, ratio)))
-        return windows[-1][1:]
-
-    monkeypatch.setattr(transforms.RandomResizedCrop, "get_params", staticmethod(recording))
-    loader = MultiCropLoader(ImageFolderDataset(folder, DataAugmentationDINO(**STATISTICS_CROPS)), 64, num_workers=0,
-                             seed=seed, drop_last=False)
-    batches = [[_uint8(crop) for crop in crops] for crops, _ in loader.epoch_iter(0)]
-    monkeypatch.undo()
-    crops = [np.concatenate([batch[slot] for batch in batches]) for slot in range(len(batches[0]))]
-    plain = [np.stack([np.asarray(image.crop((j, i, j + w, i + h)).resize((crops[slot].shape[1],) * 2, Image.BICUBIC))
-                       for image, i, j, h, w in windows[slot::len(crops)]]) for slot in range(len(crops))]
-    sizes = [(h, w, image.width * image.height) for image, _, _, h, w in windows]
-    return crops, plain, np.array(sizes).reshape(-1, len(crops), 3)
+    return write_photo_folder(tmp_path_factory.mktemp("photos"))
 
 
 def _dali_run(folder, seed: int) -> tuple[list[np.ndarray], list[np.ndarray], np.ndarray]:
-    """As _torchvision_run, for the DALI loader; its plain crops come from a second run with every effect off (the
-    same draws, so the same windows)."""
+    """As crop_statistics.loader_run, for the DALI loader; its plain crops come from a second run with every effect
+    off (the same draws, so the same windows)."""
     def run(recipe: MultiCropRecipe):
         loader = DaliMultiCropLoader(folder, 64, seed=seed, drop_last=False, num_threads=2, recipe=recipe)
         areas = {label: math.prod(Image.open(path).size) for path, label in loader.samples}
-        batches = [([_uint8(crop) for crop in crops], [slot["window"] for slot in params], labels)
+        batches = [([uint8_crops(crop) for crop in crops], [slot["window"] for slot in params], labels)
                    for crops, labels, params in loader.epoch_iter_with_params(0)]
         crops = [np.concatenate([batch[0][slot] for batch in batches]) for slot in range(recipe.num_crops)]
         windows = torch.cat([torch.stack(windows, 1) for _, windows, _ in batches]).numpy()
@@ -285,37 +209,8 @@ def _dali_run(folder, seed: int) -> tuple[list[np.ndarray], list[np.ndarray], np
     return crops, plain, windows
 
 
-def _noise_floor(first: np.ndarray, second: np.ndarray, rng: np.random.Generator, splits: int = 100) -> float:
-    """Largest KS statistic to accept against `first`: 1.3 x the largest KS statistic between the halves of `splits`
-    random re-splits of two independent torchvision runs (first + second).
-
-    The largest of 100 is about the 1 % point of the null distribution of the statistic (ties and all); with the
-    Kolmogorov tail P(D > d) ~ 2 exp(-2 n d**2), 1.3 x that point is exceeded with probability ~3e-4 by a pipeline of
-    the same distribution. The splits' statistics are computed at once: the two empirical distribution functions
-    along the sorted pooled values, compared after each run of equal values (as scipy's ks_2samp does).
-    """
-    pooled = np.sort(np.concatenate([first, second]))
-    run_ends = np.append(pooled[1:] != pooled[:-1], True)
-    in_first = rng.random((splits, len(pooled))).argsort(axis=1) < len(first)  # a random half per split
-    gaps = np.cumsum(in_first, axis=1) / len(first) - np.cumsum(~in_first, axis=1) / len(second)
-    return 1.3 * float(np.abs(gaps[:, run_ends]).max())
-
-
 def test_dali_crop_statistics_match_the_torchvision_loader_on_photos(photo_folder, monkeypatch):
     """DALI (seed 3) against torchvision (seed 1), with thresholds from torchvision seed 1 against seed 2."""
-    first = _statistics(_torchvision_run(photo_folder, 1, monkeypatch))
-    second = _statistics(_torchvision_run(photo_folder, 2, monkeypatch))
-    dali = _statistics(_dali_run(photo_folder, 3))
-    rng = np.random.default_rng(0)
-    report, failures = [], []
-    for group, statistics in first.items():
-        for name, values in statistics.items():
-            threshold = _noise_floor(values, second[group][name], rng)
-            distance = ks_2samp(dali[group][name], values, method="asymp").statistic
-            floor = ks_2samp(second[group][name], values, method="asymp").statistic
-            report.append(f"{group} {name}: KS {distance:.3f} (torchvision runs {floor:.3f}, threshold {threshold:.3f},"
-                          f" n={len(values)})")
-            if distance > threshold:
-                failures.append(report[-1])
-    print("\n".join(report))
-    assert not failures, "DALI differs from torchvision beyond the noise floor:\n" + "\n".join(failures)
+    first = statistics(loader_run(photo_folder, 1, monkeypatch))
+    second = statistics(loader_run(photo_folder, 2, monkeypatch))
+    assert_same_distribution(first, second, statistics(_dali_run(photo_folder, 3)), "DALI")

@@ -107,11 +107,17 @@ def load_rgb(path: str | Path) -> Image.Image:
     files.
     """
     with Image.open(path) as image:
-        if image.mode in _WIDE_GRAY_MODES:
-            return Image.fromarray(_wide_gray_to_8bit(np.asarray(image))).convert("RGB")
-        if image.mode == "P" and "transparency" in image.info:
-            image = image.convert("RGBA")  # PIL warns when a palette with transparency goes straight to RGB
-        return image.convert("RGB")  # convert() loads every pixel, so a truncated file fails now, not later
+        return rgb_of(image)
+
+
+def rgb_of(image: Image.Image) -> Image.Image:
+    """An opened image decoded and converted by load_rgb's rule (for callers that set up the decoder first, such as
+    a JPEG draft)."""
+    if image.mode in _WIDE_GRAY_MODES:
+        return Image.fromarray(_wide_gray_to_8bit(np.asarray(image))).convert("RGB")
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")  # PIL warns when a palette with transparency goes straight to RGB
+    return image.convert("RGB")  # convert() loads every pixel, so a truncated file fails now, not later
 
 
 def _wide_gray_to_8bit(values: np.ndarray) -> np.ndarray:
@@ -159,8 +165,9 @@ class ImageFolderDataset(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def load(self, index: int) -> tuple[Image.Image, int]:
-        """The RGB image and label of sample `index`, or of the next readable sample when that file is corrupt."""
+    def load(self, index: int, decode: Callable[[str], Any] = load_rgb) -> tuple[Any, int]:
+        """decode(path) (the RGB image) and label of sample `index`, or of the next readable sample when that file is
+        corrupt."""
         count = len(self.samples)
         if not -count <= index < count:
             raise IndexError(f"sample index {index} out of range for a dataset of {count} images")
@@ -171,7 +178,7 @@ class ImageFolderDataset(Dataset):
                 continue
             path, label = self.samples[candidate]
             try:
-                return load_rgb(path), label
+                return decode(path), label
             except _DECODE_ERRORS as error:
                 self._unreadable.add(candidate)
                 self.num_skipped += 1
@@ -180,5 +187,8 @@ class ImageFolderDataset(Dataset):
         raise self._nothing_readable()  # every file broke after the dataset was built
 
     def __getitem__(self, index: int) -> tuple[Any, int]:
+        from_file = getattr(self.transform, "from_file", None)
+        if from_file is not None:  # a transform that decodes the file itself (fast_augment: JPEG draft decoding)
+            return self.load(index, from_file)
         image, label = self.load(index)
         return (self.transform(image) if self.transform is not None else image), label
