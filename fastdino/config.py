@@ -26,6 +26,7 @@ from fastdino.rules import (
     convert,
     expected_type,
     INVALID,
+    multiple_of,
     non_negative,
     optional,
     or_auto,
@@ -376,7 +377,7 @@ def knn_requested_by(config: Config) -> str:
 def validate(config: Config) -> None:
     """Consistency between keys, which no single key's rule can express; the message names both keys."""
     patch = config.model.patch_size
-    multiple_of_patch = Rule(f"must be a multiple of model.patch_size ({patch})", lambda value: value % patch == 0)
+    multiple_of_patch = multiple_of(patch, "model.patch_size")
     knn = knn_requested_by(config)
     for key in ("model.pos_embed_size", "data.global_crop_size", "data.local_crop_size",
                 *(("eval.image_size",) if knn else ())):

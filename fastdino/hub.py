@@ -30,6 +30,7 @@ from fastdino import checkpoint as checkpoint_io
 from fastdino import sharded_checkpoint
 from fastdino.errors import UsageError
 from fastdino.models.vit import ARCHITECTURES
+from fastdino.rules import multiple_of
 
 # Wrapper prefixes stripped from the front of every key, in any order and number.
 WRAPPERS = frozenset({"module", "_orig_mod"})  # the key components DDP and torch.compile add to a state dict
@@ -228,7 +229,8 @@ def backbone_from_arguments(args: argparse.Namespace, whole_patches: bool = Fals
     model = load_pretrained(args.checkpoint, args.arch, patch_size=args.patch_size,
                             checkpoint_key=args.checkpoint_key)
     patch = model.patch_embed.patch_size
-    if whole_patches and args.image_size % patch:
-        raise UsageError(f"--image-size {args.image_size}: must be a multiple of the backbone's patch "
-                         f"size ({patch}), e.g. {max(patch, args.image_size // patch * patch)}")
+    whole = multiple_of(patch, "the backbone's patch size")
+    if whole_patches and not whole.allows(args.image_size):
+        raise UsageError(f"--image-size {args.image_size}: {whole.allowed}, e.g. "
+                         f"{max(patch, args.image_size // patch * patch)}")
     return model.requires_grad_(False)

@@ -118,6 +118,11 @@ def optional(rule: Rule, meaning: str) -> Rule:
     return Rule(f"{rule.allowed}, or null ({meaning})", lambda value: value is None or rule.allows(value))
 
 
+def multiple_of(unit: int, name: str) -> Rule:
+    """A whole number of `unit`s (`name` says what the unit is, e.g. model.patch_size)."""
+    return Rule(f"must be a multiple of {name} ({unit})", lambda value: value % unit == 0)
+
+
 def or_auto(rule: Rule, meaning: str) -> Rule:
     """`rule`, or "auto" standing for `meaning` (an int | str setting: any other string is refused)."""
     return Rule(f"{rule.allowed}, or auto ({meaning})",
