@@ -185,3 +185,60 @@ def test_values_shown_as_typed():
 
     assert show({"lr": 0.5, "on": True, "path": "", "scale": (0.4, 1.0), "depth": None}) == \
         "{lr: 0.5, on: true, path: '', scale: [0.4, 1.0], depth: null}"
+
+
+OPTIM_KEYS = ("optim.optimizer, optim.lr, optim.min_lr, optim.warmup_epochs, optim.weight_decay, "
+              "optim.weight_decay_end, optim.clip_grad, optim.freeze_last_layer, optim.epochs")
+
+
+@pytest.mark.parametrize("override, said", [
+    ("optim.lrr=1", "unknown config key 'optim.lrr': did you mean 'optim.lr'?"),  # the same section's
+    ("optim.batch_size_per_gpu=4",  # the same name in another section
+     "unknown config key 'optim.batch_size_per_gpu': did you mean 'data.batch_size_per_gpu'?"),
+    ("optimm.warmup=1", "unknown config key 'optimm.warmup': did you mean 'optim.warmup_epochs'?"),  # whole key
+    ("optim.zzzzzz=1", f"unknown config key 'optim.zzzzzz': the keys of optim are {OPTIM_KEYS}"),
+    ("zzzzzz=1", "unknown config key 'zzzzzz': valid keys are model.*, data.*, optim.*, dino.*, fast.*, eval.*, "
+                 "distributed.*, guard.*, resume_from.*, output_dir, seed, device, precision, log_every, "
+                 "monitor_every, checkpoint_every, saveckp_freq, resume"),
+    ("optim.lr={a: [1}", "optim.lr={a: [1}: the value is not valid YAML (expected ',' or ']', but got '}' at line 1, "
+                         "column 7)")])  # the problem, not the context YAML's first line names
+def test_an_unusable_override_is_one_line_that_says_what_was_meant(override, said):
+    with pytest.raises(ConfigError) as refused:
+        load_config(None, [override])
+    assert str(refused.value) == said
+
+
+def test_an_override_value_is_everything_after_the_first_equals_sign_and_may_be_empty():
+    assert load_config(None, ["data.path=/a=b"]).data.path == "/a=b"
+    assert load_config(None, ["data.path="]).data.path == ""
+
+
+@pytest.mark.parametrize("content, said", [
+    (b"3\n", "holds a single int, not a mapping of settings (section: {key: value})"),
+    (b"- 3\n", "holds a list, not a mapping of settings (section: {key: value})"),
+    (b"\xff\xfe", "cannot be read: 'utf-8' codec can't decode byte 0xff in position 0: invalid start byte"),
+    (b"optim:\n  lr: [1\n", "is not valid YAML: expected ',' or ']', but got '<stream end>' at line 3, column 1")])
+def test_an_unusable_config_file_is_one_line_naming_it(tmp_path, content, said):
+    (tmp_path / "recipe.yaml").write_bytes(content)
+    with pytest.raises(ConfigError) as refused:
+        load_config(tmp_path / "recipe.yaml")
+    assert str(refused.value) == f"config file {tmp_path / 'recipe.yaml'} {said}"
+
+
+def test_the_cross_setting_rules_hold_at_their_edges_and_say_what_is_missing(tmp_path):
+    (tmp_path / "reference.pth").write_bytes(b"")
+    accepted = [["eval.image_size=100"],  # not a multiple of the patch: fine while no kNN evaluation reads it
+                ["data.micro_batches=auto"],
+                ["distributed.activation_checkpointing=true", "distributed.checkpointed_blocks=12"],  # all 12 blocks
+                [f"resume_from.path={tmp_path / 'reference.pth'}", "resume_from.trust_reference_args=true"]]
+    for overrides in accepted:
+        load_config(None, overrides)
+    for overrides, said in (
+            (["monitor_every=0", "guard.action=stop"],
+             "guard.action=stop: needs monitor_every > 0 (the guard reads the monitors)"),
+            (["resume_from.trust_reference_args=true"],
+             "resume_from.trust_reference_args=true: needs resume_from.path (the reference checkpoint whose args it "
+             "adopts)")):
+        with pytest.raises(ConfigError) as refused:
+            load_config(None, overrides)
+        assert str(refused.value) == said

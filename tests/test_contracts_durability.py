@@ -1,12 +1,15 @@
 """Durability order of every atomic writer, observed: the bytes are written, flushed and fsynced before the rename
 that publishes them, and the folder is fsynced after it (a power loss after return keeps the new name). A sharded
-publish never leaves a moment without a complete checkpoint on disk."""
+publish never leaves a moment without a complete checkpoint on disk. What the writers add: missing folders made,
+text written as text, a serializer's own error passed on with nothing left behind; the saved generators continue
+exactly (numpy's cached half of a normal pair included)."""
 import json
 import os
 import shutil
 import stat
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -185,3 +188,25 @@ def test_a_numbered_sharded_copy_is_on_disk_before_its_name_is(tmp_path, events)
     assert {("fsync", name) for name in files} | {("fsync-dir", staging)} <= set(events[:publish]), events
     assert ("fsync-dir", tmp_path.name) in events[publish + 1:], events
     assert saved_step(copy) == 1
+
+
+def test_a_writer_makes_missing_folders_writes_text_as_text_and_passes_a_serializers_own_error_on(tmp_path):
+    checkpoint.write_text_atomic("é\n", tmp_path / "a" / "b" / "note.txt")
+    assert (tmp_path / "a" / "b" / "note.txt").read_text() == "é\n"
+
+    def unserializable(state, handle):
+        raise RuntimeError("cannot serialize this")
+
+    with pytest.raises(RuntimeError, match="^cannot serialize this$"):
+        checkpoint.save_atomic(STATE, tmp_path / "x.pth", unserializable)
+    assert os.listdir(tmp_path) == ["a"], "nothing left of the failed write"
+
+
+def test_the_generators_continue_where_they_were_saved_even_mid_gaussian_pair():
+    np.random.seed(0)
+    np.random.standard_normal()  # numpy's legacy normal draws pairs: the second one is now cached
+    state = checkpoint.capture_rng_state()
+    expected = np.random.standard_normal(3)
+    np.random.seed(1)
+    checkpoint.restore_rng_state(state)
+    assert np.array_equal(np.random.standard_normal(3), expected)

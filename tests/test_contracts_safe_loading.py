@@ -1,8 +1,11 @@
 """Every allow-list, tested with near misses: a payload that names a neighbour of what is allowed (another attribute
 of an allowed module, another class of an allowed package) is refused, names what it holds and never runs; what the
-list allows still loads. The exec/system payloads of test_checkpoint_safety.py are refused by any allow-list."""
+list allows still loads. The exec/system payloads of test_checkpoint_safety.py are refused by any allow-list. Each
+refusal names the file and, in one line, what stopped the loader."""
 import argparse
+import io
 import pickle
+import re
 
 import numpy as np
 import pytest
@@ -136,3 +139,32 @@ def test_dcp_metadata_allows_what_dcp_writes(tmp_path):
     assert all(value is not None for value in found)
     (tmp_path / ".metadata").write_bytes(pickle.dumps(Metadata(state_dict_metadata={})))
     assert isinstance(sharded_checkpoint.read_metadata(tmp_path), Metadata)
+
+
+def test_each_refusal_names_the_file_and_what_stopped_the_loader(tmp_path):
+    files = {"print.pth": {"f": print}, "namespace.pth": {"f": argparse.Namespace()}}  # a builtin, a dotted global
+    for name, content in files.items():
+        torch.save(content, tmp_path / name)
+    for name, content in {"garbage.pth": b"not a checkpoint", "empty.pth": b"",
+                          "legacy.pth": pickle.dumps({"a": 1}, protocol=2)}.items():
+        (tmp_path / name).write_bytes(content)
+    refusals = {}
+    for name in [*files, "garbage.pth", "empty.pth", "legacy.pth", "missing.pth"]:
+        with pytest.raises(checkpoint.CheckpointError) as refused:
+            checkpoint.load(tmp_path / name)
+        refusals[name] = str(refused.value).replace(str(tmp_path / name), "FILE")
+    with pytest.raises(checkpoint.CheckpointError) as refused:
+        checkpoint.load(io.BytesIO(b""), name="given.pth")  # a stream is named as the caller says
+    assert str(refused.value) == "given.pth is not a readable checkpoint (EOFError)"
+    for name, kind in (("print.pth", "builtins.print"), ("namespace.pth", "argparse.Namespace")):
+        assert refusals.pop(name).startswith(f"refused FILE: it holds a pickled object of type {kind}, ")
+    assert re.fullmatch(r"FILE is not a readable checkpoint \(the safe loader stopped at: Unsupported operand \d+\); "
+                        "nothing in it was executed", refusals.pop("garbage.pth"))
+    assert refusals == {"empty.pth": "FILE is not a readable checkpoint (EOFError)",
+                        "legacy.pth": "FILE is not a readable checkpoint (Invalid magic number; corrupt file?)",
+                        "missing.pth": "checkpoint file not found: FILE"}
+
+
+def test_a_checkpoint_loads_where_map_location_says(tmp_path):
+    torch.save({"w": torch.ones(2)}, tmp_path / "c.pth")
+    assert checkpoint.load(tmp_path / "c.pth", map_location="meta")["w"].is_meta
