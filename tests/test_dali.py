@@ -22,6 +22,7 @@ from torchvision.transforms import RandomResizedCrop  # noqa: E402
 
 from fastdino.data.dali import (DaliMultiCropLoader, WebDatasetShards, make_webdataset_index,  # noqa: E402
                                 scan_image_files)
+from fastdino.data import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 from fastdino.data.datasets import DatasetError  # noqa: E402
 from fastdino.data.recipe import MultiCropRecipe  # noqa: E402
 from fastdino.data.torch_loader import epoch_batches  # noqa: E402
@@ -174,16 +175,16 @@ def test_grayscale_and_solarize_rates_per_slot(tmp_path):
     recipe = MultiCropRecipe(**TINY, **{**NO_EFFECTS, "grayscale_p": 0.2, "solarize_p": (0.0, 0.2, 0.0)})
     slots, _ = _run(path, recipe)
     for slot, crops in enumerate(slots):
-        pixels = pixels(crops).mean((2, 3))  # constant crops: one colour each
-        gray = (pixels.max(1).values - pixels.min(1).values) < 3.0  # uint8 rounding per channel
-        solarized = pixels.max(1).values < 128  # every channel >= 128 before, so < 128 after inversion
+        colours = pixels(crops).mean((2, 3))  # constant crops: one colour each
+        gray = (colours.max(1).values - colours.min(1).values) < 3.0  # uint8 rounding per channel
+        solarized = colours.max(1).values < 128  # every channel >= 128 before, so < 128 after inversion
         _assert_rate(gray, 0.2, f"grayscale slot {slot}")
         _assert_rate(solarized, recipe.solarize_p[min(slot, 2)], f"solarize slot {slot}")
         luma = 0.299 * 200 + 0.587 * 150 + 0.114 * 170
         expected = torch.where(solarized[:, None], 255.0 - torch.tensor([200.0, 150.0, 170.0]),
                                torch.tensor([200.0, 150.0, 170.0]))
         expected = torch.where(gray[:, None], torch.where(solarized[:, None], 255.0 - luma, luma), expected)
-        torch.testing.assert_close(pixels, expected, atol=1.5, rtol=0)
+        torch.testing.assert_close(colours, expected, atol=1.5, rtol=0)
 
 
 def test_blur_rates_per_slot_and_sigma_range(tmp_path):
