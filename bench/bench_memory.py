@@ -14,7 +14,6 @@ against the first row (the whole batch at once).
 """
 from __future__ import annotations
 
-import gc
 import json
 import statistics
 import subprocess
@@ -77,8 +76,6 @@ def measure(base: list[str], extra: list[str], device: torch.device, output_dir:
     row = dict(micro_batches=trainer.memory.micro_batches, recomputed_blocks=trainer.memory.recomputed_blocks,
                step_ms_median=median, images_per_s=data.batch_size_per_gpu * 1e3 / median, peak_memory_gib=peak,
                planned_peak_gib=planned_for(trainer).total / 2**30)
-    del trainer, crops
-    gc.collect()
     return row
 
 
